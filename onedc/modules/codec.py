@@ -1,0 +1,272 @@
+"""The hyperprior latent codec of OneDC (Xue et al., NeurIPS 2025, §3.1 and Fig. 2).
+
+::
+
+    x ──patch-embed 8x8/s8──┐
+    v = VAE(x) (1/8) ───────┴─ fuse ─ g_a_y ─> y (M ch, 1/16) ──Q──> ŷ ───────────── rANS ─> bits_y
+                                        └─ g_a_sem ─> sem (1/64) ─ h_a ─> z ─FSQ─> ẑ ── fixed ─> bits_z
+    ẑ ─ h_s ─> h (1/16) ─> (μ, σ) of ŷ          (mean-scale Gaussian, CompressAI GaussianConditional)
+    ẑ ─ h_sem ─> semantic map (1/64) ─> tokens (B, L, token_dim)   (replaces the text prompt)
+    [ŷ, h] ─ g_s ─> features (1/8) ─┬─> UNet conv_in (one-step generator)
+                                     └─> to_latent ─> v̂ (light latent reconstruction, stage 1)
+
+The codec follows CompressAI's contract: ``forward`` returns likelihoods, ``update()`` builds the
+CDF tables before coding, ``compress``/``decompress`` produce/consume byte strings, and the
+CDF buffers survive ``load_state_dict`` (``CompressionModel.load_state_dict``). z is quantised
+with FSQ, so it has no entropy model and no auxiliary (quantile) parameters: ``aux_loss()`` is 0.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from compressai.entropy_models import GaussianConditional
+from compressai.layers import ResidualBlock, ResidualBlockUpsample, ResidualBlockWithStride, conv1x1, conv3x3
+from compressai.models.base import CompressionModel
+from torch import Tensor, nn
+
+from onedc.modules.fsq import FSQ
+
+SCALE_TABLE_LEVELS = 128  # finer than CompressAI's 64: the coded rate tracks the estimate closely
+
+
+def scale_table(levels: int = SCALE_TABLE_LEVELS, low: float = 0.11, high: float = 256.0) -> list[float]:
+    """Log-spaced Gaussian scales for which rANS CDF tables are built."""
+    return torch.exp(torch.linspace(math.log(low), math.log(high), levels)).tolist()
+
+
+class HyperpriorOutput(NamedTuple):
+    """What ``HyperpriorCodec.forward`` returns (training and evaluation)."""
+
+    y_hat: Tensor  # (B, M, H/16, W/16) quantised latent (rounded around μ, straight-through)
+    z_hat: Tensor  # (B, d, H/64, W/64) FSQ codes in [-1, 1]
+    likelihoods: dict[str, Tensor]  # {"y": (B, M, H/16, W/16)}; noisy-proxy likelihoods in training
+    z_bits: Tensor  # (B,) exact fixed-length bits of z per image
+    semantic: Tensor  # (B, token_dim, H/64, W/64) decoder-side semantic map (from ẑ only)
+    tokens: Tensor  # (B, L, token_dim) cross-attention tokens, L = H/64 * W/64
+    features: Tensor  # (B, gs_channels, H/8, W/8) g_s output: the generator's conv_in input
+    latent_hat: Tensor  # (B, C_vae, H/8, W/8) light reconstruction of the VAE latent
+
+
+class DecodedLatents(NamedTuple):
+    """What the decoder side computes from (ŷ, ẑ): exactly what ``decompress`` returns."""
+
+    y_hat: Tensor
+    z_hat: Tensor
+    semantic: Tensor
+    tokens: Tensor
+    features: Tensor
+    latent_hat: Tensor
+
+
+def sincos_2d(height: int, width: int, dim: int, device: torch.device | None = None) -> Tensor:
+    """Fixed 2D sin-cos position code (L, dim) over a unit grid, valid for any image size."""
+    if dim % 4:
+        raise ValueError(f"token_dim must be a multiple of 4 for 2D sin-cos positions, got {dim}")
+    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
+    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    freqs = 2.0 ** torch.arange(dim // 4, device=device, dtype=torch.float32) * math.pi
+    parts = []
+    for coord in (grid_y.reshape(-1, 1), grid_x.reshape(-1, 1)):
+        parts += [torch.sin(coord * freqs), torch.cos(coord * freqs)]
+    return torch.cat(parts, dim=1)
+
+
+def pack_indices(indices: np.ndarray, bits: int) -> bytes:
+    """Bit-pack non-negative integers, ``bits`` each, MSB first (fixed-length code)."""
+    flat = indices.astype(np.uint64).reshape(-1)
+    shifts = np.arange(bits - 1, -1, -1, dtype=np.uint64)
+    bit_array = ((flat[:, None] >> shifts) & np.uint64(1)).astype(np.uint8)
+    return np.packbits(bit_array.reshape(-1)).tobytes()
+
+
+def unpack_indices(data: bytes, count: int, bits: int) -> np.ndarray:
+    """Inverse of :func:`pack_indices`; raises ValueError if ``data`` is too short."""
+    needed = (count * bits + 7) // 8
+    if len(data) < needed:
+        raise ValueError(f"z stream has {len(data)} bytes, {needed} needed")
+    bit_array = np.unpackbits(np.frombuffer(data, dtype=np.uint8, count=needed))[: count * bits]
+    weights = (np.uint64(1) << np.arange(bits - 1, -1, -1, dtype=np.uint64))
+    return (bit_array.reshape(count, bits).astype(np.uint64) * weights).sum(axis=1).astype(np.int64)
+
+
+class HyperpriorCodec(CompressionModel):
+    """OneDC's hyperprior latent codec: VAE latent + pixels -> (ŷ, ẑ) bitstreams -> features.
+
+    Args:
+        vae_channels: channels of the frozen VAE latent (4 for SD).
+        patch_size: pixel patch-embed size; must equal the VAE downsampling (8).
+        channels: N, the analysis/synthesis width.
+        y_channels: M, channels of y at 1/16.
+        sem_channels: width of the semantic branch at 1/64.
+        fsq_levels: FSQ levels of z (one per channel of z).
+        token_dim: width of the semantic tokens (the generator's cross-attention width).
+        gs_channels: width of g_s's 1/8 output features.
+    """
+
+    downsample = 64  # z lives at 1/64: inputs must be padded to a multiple of this
+
+    def __init__(
+        self,
+        *,
+        vae_channels: int = 4,
+        patch_size: int = 8,
+        channels: int = 192,
+        y_channels: int = 128,
+        sem_channels: int = 320,
+        fsq_levels: Sequence[int] = (4,) * 7,
+        token_dim: int = 768,
+        gs_channels: int = 320,
+    ) -> None:
+        super().__init__()
+        n, m, s = channels, y_channels, sem_channels
+        self.config = dict(vae_channels=vae_channels, patch_size=patch_size, channels=n, y_channels=m,
+                           sem_channels=s, fsq_levels=list(fsq_levels), token_dim=token_dim,
+                           gs_channels=gs_channels)
+        self.patch_embed = nn.Conv2d(3, n, kernel_size=patch_size, stride=patch_size)
+        self.fuse = nn.Sequential(
+            conv3x3(n + vae_channels, n), ResidualBlock(n, n), ResidualBlockWithStride(n, n, stride=2)
+        )  # -> 1/16, shared by the y and semantic branches
+        self.g_a_y = nn.Sequential(ResidualBlock(n, n), conv3x3(n, m))
+        self.g_a_sem = nn.Sequential(
+            ResidualBlockWithStride(n, s, stride=2), ResidualBlockWithStride(s, s, stride=2), ResidualBlock(s, s)
+        )
+        self.fsq = FSQ(fsq_levels)
+        self.h_a = nn.Sequential(conv3x3(s, s), nn.GELU(), conv1x1(s, self.fsq.dim))
+        self.h_s = nn.Sequential(
+            conv3x3(self.fsq.dim, s), nn.GELU(), ResidualBlockUpsample(s, s, 2), ResidualBlockUpsample(s, n, 2),
+        )
+        self.entropy_parameters = nn.Sequential(conv1x1(n, n), nn.GELU(), conv1x1(n, 2 * m))
+        self.h_sem = nn.Sequential(
+            conv3x3(self.fsq.dim, s), nn.GELU(), ResidualBlock(s, s), ResidualBlock(s, s), conv1x1(s, token_dim)
+        )
+        self.token_norm = nn.LayerNorm(token_dim)
+        self.g_s = nn.Sequential(
+            conv3x3(m + n, n), ResidualBlock(n, n), ResidualBlockUpsample(n, gs_channels, 2),
+            ResidualBlock(gs_channels, gs_channels),
+        )
+        self.to_latent = conv3x3(gs_channels, vae_channels)
+        self.gaussian_conditional = GaussianConditional(None)
+
+    # ---------------------------------------------------------------- building blocks
+    def analysis(self, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """(image in [-1,1], VAE latent) -> (y at 1/16, semantic analysis features at 1/64)."""
+        if x.shape[-2] % self.downsample or x.shape[-1] % self.downsample:
+            raise ValueError(
+                f"image size {tuple(x.shape[-2:])} is not a multiple of {self.downsample}: pad it first "
+                "(onedc.modules.codec.pad_to_multiple)"
+            )
+        h = self.fuse(torch.cat([self.patch_embed(x), v], dim=1))
+        return self.g_a_y(h), self.g_a_sem(h)
+
+    def hyper_synthesis(self, z_hat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """ẑ -> (hyper features h at 1/16, means μ, scales σ) of ŷ."""
+        h = self.h_s(z_hat)
+        scales, means = self.entropy_parameters(h).chunk(2, dim=1)
+        return h, means, scales
+
+    def semantics(self, z_hat: Tensor) -> tuple[Tensor, Tensor]:
+        """ẑ -> (semantic map at 1/64, cross-attention tokens (B, L, token_dim))."""
+        semantic = self.h_sem(z_hat)
+        b, d, hh, ww = semantic.shape
+        tokens = self.token_norm(semantic.flatten(2).transpose(1, 2))
+        return semantic, tokens + sincos_2d(hh, ww, d, semantic.device).to(tokens.dtype)
+
+    def synthesis(self, y_hat: Tensor, hyper: Tensor) -> tuple[Tensor, Tensor]:
+        """(ŷ, hyper features) -> (1/8 features for the generator, light VAE-latent estimate)."""
+        features = self.g_s(torch.cat([y_hat, hyper], dim=1))
+        return features, self.to_latent(features)
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: Tensor, v: Tensor) -> HyperpriorOutput:
+        """Encode and decode with rate estimates (noise proxy for the rate in training)."""
+        y, sem = self.analysis(x, v)
+        z_hat = self.fsq(self.h_a(sem))
+        hyper, means, scales = self.hyper_synthesis(z_hat)
+        _, y_likelihoods = self.gaussian_conditional(y, scales, means)
+        # Decoder input: rounded around μ (mixed quantisation), straight-through in training. In
+        # eval the value is exactly what decompress() rebuilds, bit for bit.
+        y_rounded = torch.round(y - means) + means
+        y_hat = y + (y_rounded - y).detach() if self.training else y_rounded
+        semantic, tokens = self.semantics(z_hat)
+        features, latent_hat = self.synthesis(y_hat, hyper)
+        z_bits = torch.full((x.shape[0],), float(self.z_bits_per_image(z_hat.shape[-2:])), device=x.device)
+        return HyperpriorOutput(y_hat, z_hat, {"y": y_likelihoods}, z_bits, semantic, tokens, features, latent_hat)
+
+    def z_bits_per_image(self, z_shape: Sequence[int]) -> int:
+        """Bits of the fixed-length z stream for a z grid of ``z_shape`` (before byte padding)."""
+        return self.fsq.bits_per_index * int(z_shape[0]) * int(z_shape[1])
+
+    @staticmethod
+    def rate_bits(out: HyperpriorOutput) -> Tensor:
+        """Estimated bits per image: -Σ log2 p(ŷ) + fixed bits of ẑ. Shape (B,)."""
+        y_bits = -torch.log2(out.likelihoods["y"]).flatten(1).sum(dim=1)
+        return y_bits + out.z_bits
+
+    @classmethod
+    def bpp(cls, out: HyperpriorOutput, num_pixels: int) -> Tensor:
+        """Estimated bits per pixel of each image, (B,)."""
+        return cls.rate_bits(out) / num_pixels
+
+    # ---------------------------------------------------------------- coding
+    def update(self, scale_table_values: Sequence[float] | None = None, force: bool = False) -> bool:  # type: ignore[override]
+        """Build the rANS CDF tables (call before ``compress``; stages call it before saving)."""
+        return super().update(scale_table=scale_table_values or scale_table(), force=force)
+
+    @torch.no_grad()
+    def compress(self, x: Tensor, v: Tensor) -> dict:
+        """Images (B,3,H,W) + VAE latents -> ``{"strings": [y_strings, z_strings], "shape": (hz, wz)}``."""
+        if self.gaussian_conditional._offset.numel() == 0:
+            raise RuntimeError("call codec.update() before compress(): the CDF tables are not built")
+        y, sem = self.analysis(x, v)
+        z_hat = self.fsq(self.h_a(sem))
+        indices = self.fsq.codes_to_indices(z_hat).cpu().numpy()
+        z_strings = [pack_indices(i, self.fsq.bits_per_index) for i in indices]
+        # Re-derive ẑ from the indices exactly as the decoder will, so both sides compute the same μ, σ.
+        z_hat = self.fsq.indices_to_codes(torch.from_numpy(indices).to(x.device)).to(y.dtype)
+        _, means, scales = self.hyper_synthesis(z_hat)
+        indexes = self.gaussian_conditional.build_indexes(scales)
+        y_strings = self.gaussian_conditional.compress(y, indexes, means=means)
+        return {"strings": [y_strings, z_strings], "shape": tuple(z_hat.shape[-2:])}
+
+    @torch.no_grad()
+    def decompress(self, strings: list[list[bytes]], shape: Sequence[int]) -> DecodedLatents:
+        """Inverse of :meth:`compress`: byte strings -> ŷ, ẑ and the decoder-side features."""
+        y_strings, z_strings = strings
+        hz, wz = int(shape[0]), int(shape[1])
+        device = self.to_latent.weight.device
+        indices = np.stack([unpack_indices(s, hz * wz, self.fsq.bits_per_index) for s in z_strings])
+        if (indices >= self.fsq.codebook_size).any():
+            raise ValueError("z stream holds an index outside the FSQ codebook")
+        z_hat = self.fsq.indices_to_codes(torch.from_numpy(indices).view(-1, hz, wz).to(device))
+        hyper, means, scales = self.hyper_synthesis(z_hat)
+        indexes = self.gaussian_conditional.build_indexes(scales)
+        y_hat = self.gaussian_conditional.decompress(y_strings, indexes, means=means)
+        semantic, tokens = self.semantics(z_hat)
+        features, latent_hat = self.synthesis(y_hat, hyper)
+        return DecodedLatents(y_hat, z_hat, semantic, tokens, features, latent_hat)
+
+    # ---------------------------------------------------------------- parameters
+    def aux_loss(self) -> Tensor:  # type: ignore[override]
+        """No EntropyBottleneck (z is FSQ-coded), so no quantile parameters: always 0."""
+        return self.to_latent.weight.new_zeros(())
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict[str, Tensor], **config) -> "HyperpriorCodec":
+        """Build a codec sized like ``config`` and load ``state_dict`` (CDF buffers included)."""
+        codec = cls(**config)
+        codec.load_state_dict(state_dict)
+        return codec
+
+
+def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int]]:
+    """Replicate-pad (B,3,H,W) on the bottom/right to a multiple; return it and the original (H, W)."""
+    h, w = x.shape[-2:]
+    pad_h, pad_w = (-h) % multiple, (-w) % multiple
+    if pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+    return x, (h, w)

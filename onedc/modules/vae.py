@@ -1,0 +1,113 @@
+"""Frozen VAE wrapper around diffusers' ``AutoencoderKL``.
+
+The VAE defines the latent space the whole codec lives in (SD: 4 channels at 1/8). It is never
+trained: parameters are frozen, the module stays in eval mode, and ``encode`` / ``decode``
+handle the latent scaling factor so that the rest of onedc sees unit-variance latents.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from onedc.errors import WeightsError
+
+
+def _autocast_bf16(device: torch.device) -> contextlib.AbstractContextManager:
+    # The frozen VAE runs in bf16 where the hardware has fast bf16; fp32 on CPUs (exactness).
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class FrozenVAE(nn.Module):
+    """A frozen ``AutoencoderKL``: ``encode(x in [-1,1]) -> v`` and ``decode(v) -> x``.
+
+    ``v`` is the *scaled* latent (``mean * scaling_factor``): the posterior mean, so encoding
+    is deterministic, which the codec's exact decode round-trip relies on.
+    """
+
+    def __init__(self, autoencoder: nn.Module, scaling_factor: float | None = None) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+        config_factor = getattr(getattr(autoencoder, "config", None), "scaling_factor", None)
+        self.scaling_factor = float(scaling_factor if scaling_factor is not None else config_factor or 1.0)
+        self.autoencoder.requires_grad_(False)
+        self.autoencoder.eval()
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the VAE latent (4 for SD)."""
+        return int(self.autoencoder.config.latent_channels)
+
+    @property
+    def downsample(self) -> int:
+        """Spatial downsampling factor of the encoder (8 for SD)."""
+        return 2 ** (len(self.autoencoder.config.block_out_channels) - 1)
+
+    def train(self, mode: bool = True) -> "FrozenVAE":
+        # Frozen forever: a parent's .train() must not switch the VAE's norm layers.
+        return super().train(False)
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """Image (B,3,H,W) in [-1,1] -> scaled latent mean (B,C,H/8,W/8), fp32."""
+        with _autocast_bf16(x.device):
+            posterior = self.autoencoder.encode(x).latent_dist
+        return posterior.mean.float() * self.scaling_factor
+
+    def decode(self, v: Tensor) -> Tensor:
+        """Scaled latent -> image in [-1,1] (unclamped). Differentiable w.r.t. ``v``."""
+        with _autocast_bf16(v.device):
+            x = self.autoencoder.decode(v / self.scaling_factor).sample
+        return x.float()
+
+
+def build_vae(
+    *,
+    pretrained: str | None = None,
+    config: dict[str, Any] | None = None,
+    seed: int = 0,
+    scaling_factor: float | None = None,
+    device: str | torch.device | None = None,
+) -> FrozenVAE:
+    """Build the frozen VAE from a local diffusers dir (``pretrained``) or random weights.
+
+    ``pretrained`` is a directory written by ``AutoencoderKL.save_pretrained`` (or a full
+    SD model dir with a ``vae/`` subfolder). With ``pretrained=None`` the architecture comes
+    from ``config`` (diffusers kwargs) with weights drawn from ``seed`` without touching the
+    global RNG; ``device="meta"`` builds shapes only (parameter counting).
+    """
+    from diffusers import AutoencoderKL
+
+    if pretrained is not None:
+        path = Path(pretrained).expanduser()
+        if (path / "vae" / "config.json").is_file():
+            path = path / "vae"
+        if not (path / "config.json").is_file():
+            raise WeightsError(
+                f"VAE weights not found at {path}: expected a diffusers AutoencoderKL directory "
+                "(config.json + diffusion_pytorch_model.safetensors). Set model.vae.pretrained=DIR "
+                "or model.vae.pretrained=null for random weights."
+            )
+        try:
+            autoencoder = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise WeightsError(f"cannot load the VAE from {path}: {err}") from err
+    else:
+        if config is None:
+            raise WeightsError("build_vae needs `pretrained` (a local dir) or an architecture `config`")
+        if str(device) == "meta":
+            with torch.device("meta"):
+                autoencoder = AutoencoderKL(**config)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                autoencoder = AutoencoderKL(**config)
+    vae = FrozenVAE(autoencoder, scaling_factor)
+    if device is not None and str(device) != "meta":
+        vae.to(device)
+    return vae

@@ -1,0 +1,326 @@
+"""The stage orchestrator: trainers, run dirs, resume, and the distill -> latent -> finetune chain.
+
+Run-dir layout (deterministic, so every DDP rank and every re-run agree)::
+
+    <run_dir>/<stage>/config.yaml           the fully resolved config of this stage
+    <run_dir>/<stage>/checkpoints/last.ckpt  full training state (resume=auto picks it up)
+    <run_dir>/<stage>/checkpoints/step=*.ckpt the two newest periodic checkpoints (fallbacks)
+    <run_dir>/<stage>/checkpoints/best.ckpt  best validation loss
+    <run_dir>/<stage>/final.ckpt             weights at the end (EMA where the stage has one)
+    <run_dir>/<stage>/DONE.json              completion marker: a finished stage is skipped
+    <run_dir>/<stage>/tb/                    TensorBoard events
+
+``init_from`` (weights only, fresh optimiser) and ``resume`` (full state) are distinct: the
+chain initialises each stage from the previous stage's ``final.ckpt``, and a killed stage is
+resumed from its own ``last.ckpt``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from onedc.errors import CheckpointError, ConfigError
+
+log = logging.getLogger("onedc")
+
+DONE_MARKER = "DONE.json"
+FINAL_CKPT = "final.ckpt"
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """Where a stage's outputs are and how far it trained."""
+
+    name: str
+    run_dir: Path
+    final_ckpt: Path
+    global_step: int
+    skipped: bool = False
+
+
+def _rank() -> int:
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file + rename: readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a Lightning checkpoint file (or DeepSpeed folder, converted to fp32) with clear errors."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}. Give an existing .ckpt file or DeepSpeed folder")
+    if path.is_dir():
+        return _read_deepspeed_folder(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for corrupt files
+        fallback = newest_fallback(path)
+        hint = (f" The newest intact fallback is {fallback}: resume from it with resume={fallback}"
+                if fallback else " No fallback checkpoint exists beside it")
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: {err}).{hint}") from err
+
+
+def _read_deepspeed_folder(path: Path) -> dict[str, Any]:
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    converted = path.with_name(path.name + ".fp32.ckpt")
+    if not converted.exists() or converted.stat().st_mtime < path.stat().st_mtime:
+        tmp = converted.with_name(f".{converted.name}.tmp-{os.getpid()}")
+        try:
+            convert_zero_checkpoint_to_fp32_state_dict(str(path), str(tmp))
+        except Exception as err:
+            raise CheckpointError(f"cannot convert the DeepSpeed checkpoint folder {path}: {err}") from err
+        os.replace(tmp, converted)
+        log.info("converted DeepSpeed checkpoint %s -> %s", path, converted)
+    return torch.load(converted, map_location="cpu", weights_only=False)
+
+
+def newest_fallback(path: Path) -> Path | None:
+    """The newest periodic checkpoint beside ``path`` that loads, if any."""
+    candidates = sorted(path.parent.glob("step=*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for candidate in candidates:
+        if candidate == path:
+            continue
+        try:
+            torch.load(candidate, map_location="cpu", weights_only=False)
+            return candidate
+        except Exception:
+            continue
+    return None
+
+
+def check_identity(checkpoint: dict[str, Any], cfg: DictConfig, path: Path, compare_tokenizer: bool) -> None:
+    """Refuse a checkpoint trained with a different model (VAE/codec) or teacher than ``cfg``."""
+    meta = checkpoint.get("onedc")
+    if meta is None:
+        raise CheckpointError(f"{path} is not an onedc stage checkpoint (no 'onedc' metadata)")
+    want = OmegaConf.to_container(cfg.model, resolve=True)
+    have = meta["model"]
+    for part in ("vae", "codec"):
+        if have.get(part) != want.get(part):
+            diff = sorted(k for k in set(have[part]) | set(want[part]) if have[part].get(k) != want[part].get(k))
+            raise CheckpointError(
+                f"{path} was trained with a different model.{part} (differs in: {', '.join(diff)}). "
+                f"Use the same model config it was trained with (its stage config.yaml) or start the stage fresh"
+            )
+    if compare_tokenizer and meta.get("tokenizer", {}).get("name") not in (None, str(cfg.tokenizer.name)):
+        raise CheckpointError(
+            f"{path} was trained with tokenizer={meta['tokenizer']['name']} but the config asks for "
+            f"tokenizer={cfg.tokenizer.name}. Pass the same tokenizer to resume"
+        )
+
+
+def load_init_weights(module: torch.nn.Module, path: str | Path, cfg: DictConfig,
+                      prefixes: tuple[str, ...] = ("codec.", "generator.")) -> dict[str, list[str]]:
+    """Initialise ``module``'s parts named by ``prefixes`` from a checkpoint (weights only).
+
+    Keys are matched by name; missing and unexpected keys are reported by name (log + return),
+    never ignored silently. Shape mismatches mean a different model config: CheckpointError.
+    """
+    path = Path(path)
+    checkpoint = read_checkpoint(path)
+    check_identity(checkpoint, cfg, path, compare_tokenizer=False)
+    state = checkpoint["state_dict"]
+    own = module.state_dict()
+    wanted = {k: v for k, v in state.items() if k.startswith(prefixes)}
+    present_prefixes = {k.split(".", 1)[0] + "." for k in wanted}
+    expected = {k for k in own if k.startswith(tuple(present_prefixes))}
+    missing = sorted(expected - set(wanted))
+    unexpected = sorted(k for k in wanted if k not in own)
+    for key in sorted(set(wanted) & set(own)):
+        if wanted[key].shape != own[key].shape and "gaussian_conditional" not in key:
+            raise CheckpointError(f"{path}: '{key}' has shape {tuple(wanted[key].shape)}, the model expects "
+                                  f"{tuple(own[key].shape)}: the checkpoint is from a different model config")
+    loadable = {k: v for k, v in wanted.items() if k in own}
+    codec = getattr(module, "codec", None)
+    if codec is not None:  # CDF tables are sized by update(): resize before loading
+        from compressai.models.utils import update_registered_buffers
+
+        update_registered_buffers(codec.gaussian_conditional, "codec.gaussian_conditional",
+                                  ["_quantized_cdf", "_offset", "_cdf_length", "scale_table"], loadable)
+    module.load_state_dict(loadable, strict=False)
+    if missing:
+        log.warning("init_from %s: %d missing keys (left as initialised): %s", path, len(missing), ", ".join(missing[:20]))
+    if unexpected:
+        log.warning("init_from %s: %d unexpected keys (ignored): %s", path, len(unexpected), ", ".join(unexpected[:20]))
+    log.info("initialised %s from %s (%d tensors)", "/".join(sorted(present_prefixes)), path, len(loadable))
+    return {"missing": missing, "unexpected": unexpected, "loaded": sorted(loadable)}
+
+
+# --------------------------------------------------------------------------- trainer
+def _world_size(trainer_cfg: DictConfig) -> int:
+    devices = trainer_cfg.devices
+    if isinstance(devices, int):
+        per_node = devices
+    elif isinstance(devices, str) and devices.isdigit():
+        per_node = int(devices)
+    elif str(devices) == "auto":
+        per_node = max(1, torch.cuda.device_count()) if trainer_cfg.accelerator != "cpu" else 1
+    else:
+        per_node = len(devices)
+    return per_node * int(trainer_cfg.num_nodes)
+
+
+def accumulation(trainer_cfg: DictConfig, batch_size: int) -> int:
+    """Gradient accumulation that keeps ``trainer.global_batch_size`` fixed across world sizes."""
+    if trainer_cfg.get("global_batch_size") is None:
+        return int(trainer_cfg.accumulate_grad_batches)
+    per_step = batch_size * _world_size(trainer_cfg)
+    if int(trainer_cfg.global_batch_size) % per_step:
+        raise ConfigError(f"trainer.global_batch_size={trainer_cfg.global_batch_size} is not a multiple of "
+                          f"data.batch_size x world size = {per_step}")
+    return max(1, int(trainer_cfg.global_batch_size) // per_step)
+
+
+def make_strategy(trainer_cfg: DictConfig) -> Any:
+    """Lightning strategy object (or name) for ``trainer.strategy``."""
+    name = str(trainer_cfg.strategy)
+    if name.startswith("deepspeed_stage_"):
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(stage=int(name[-1]), offload_optimizer=bool(trainer_cfg.get("offload_optimizer", False)),
+                                 offload_parameters=bool(trainer_cfg.get("offload_parameters", False)))
+    if name == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(find_unused_parameters=False)
+    return name
+
+
+def make_trainer(cfg: DictConfig, stage_cfg: DictConfig, stage_dir: Path, strategy: Any = None,
+                 extra_callbacks: list | None = None):
+    """A Lightning ``Trainer`` for one stage, writing only under ``stage_dir``."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    from onedc.callbacks import AtomicCheckpointIO
+
+    tcfg = cfg.trainer
+    ckpt_dir = stage_dir / "checkpoints"
+    every = int(stage_cfg.checkpoint_every_n_steps)
+    callbacks = [
+        ModelCheckpoint(dirpath=ckpt_dir, filename="step={step:06d}", auto_insert_metric_name=False,
+                        monitor="step", mode="max", save_top_k=2, every_n_train_steps=every, save_last=True),
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1,
+                        auto_insert_metric_name=False),
+    ]
+    logger: Any = False
+    if str(tcfg.logger) == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        logger = TensorBoardLogger(save_dir=str(stage_dir), name="tb", version="", default_hp_metric=False)
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    callbacks += list(extra_callbacks or [])
+    max_steps = int(tcfg.max_steps) if tcfg.get("max_steps") is not None else int(stage_cfg.max_steps)
+    return pl.Trainer(
+        default_root_dir=str(stage_dir),
+        accelerator=str(tcfg.accelerator), devices=tcfg.devices, num_nodes=int(tcfg.num_nodes),
+        strategy=strategy if strategy is not None else make_strategy(tcfg),
+        precision=str(tcfg.precision), max_steps=max_steps, max_epochs=-1,
+        val_check_interval=min(int(stage_cfg.val_every_n_steps), max_steps), check_val_every_n_epoch=None,
+        log_every_n_steps=int(stage_cfg.log_every_n_steps), gradient_clip_val=stage_cfg.get("grad_clip"),
+        accumulate_grad_batches=accumulation(tcfg, int(cfg.data.batch_size)),
+        deterministic=bool(tcfg.deterministic), enable_progress_bar=bool(tcfg.enable_progress_bar),
+        logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0,
+        enable_model_summary=_rank() == 0,
+    )
+
+
+# --------------------------------------------------------------------------- stages
+def stage_dir(cfg: DictConfig, name: str) -> Path:
+    """The deterministic directory of stage ``name`` of this run."""
+    return Path(str(cfg.run_dir)) / name
+
+
+def _resume_path(cfg: DictConfig, sdir: Path) -> Path | None:
+    resume = str(cfg.resume)
+    last = sdir / "checkpoints" / "last.ckpt"
+    if resume == "auto":
+        return last if last.exists() else None
+    if resume == "never":
+        if any(sdir.glob("checkpoints/*.ckpt")) and not cfg.overwrite:
+            raise ConfigError(f"{sdir} already holds a run and resume=never: pass overwrite=true to delete it "
+                              "and start again, or resume=auto to continue it")
+        return None
+    path = Path(resume)
+    if not path.exists():
+        raise CheckpointError(f"resume={resume}: no such checkpoint")
+    return path
+
+
+def run_stage(cfg: DictConfig, stage_cfg: DictConfig, init_from: str | Path | None = None,
+              strategy: Any = None) -> StageResult:
+    """Train one stage to ``max_steps``: fresh, initialised from ``init_from``, or resumed."""
+    import lightning.pytorch as pl
+
+    from onedc.build import build_datamodule, build_stage
+
+    name = str(stage_cfg.name)
+    sdir = stage_dir(cfg, name)
+    if init_from is not None and str(cfg.resume) not in ("auto", "never"):
+        raise ConfigError("init_from (weights only) and an explicit resume=PATH (full state) are mutually "
+                          "exclusive: drop one of them")
+    done = sdir / DONE_MARKER
+    if cfg.overwrite and _rank() == 0 and sdir.exists():
+        log.warning("overwrite=true: deleting %s", sdir)
+        shutil.rmtree(sdir)
+    elif done.exists() and str(cfg.resume) != "never":
+        info = json.loads(done.read_text())
+        log.info("stage %s already finished at step %s (%s): skipping", name, info["global_step"], done)
+        return StageResult(name, sdir, sdir / FINAL_CKPT, int(info["global_step"]), skipped=True)
+    resume = None if cfg.overwrite else _resume_path(cfg, sdir)
+    if resume is not None:
+        check_identity(read_checkpoint(resume), cfg, resume, compare_tokenizer=(name == "distill"))
+
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    module = build_stage(cfg, stage_cfg)
+    if resume is None and init_from is not None:
+        load_init_weights(module, init_from, cfg)
+    datamodule = build_datamodule(cfg.data, seed=int(cfg.seed))
+    if _rank() == 0:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        resolved["stage"] = OmegaConf.to_container(stage_cfg, resolve=True)
+        atomic_write_text(sdir / "config.yaml", OmegaConf.to_yaml(resolved))
+    trainer = make_trainer(cfg, stage_cfg, sdir, strategy=strategy)
+    if resume is not None:
+        log.info("resuming stage %s from %s", name, resume)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    final = sdir / FINAL_CKPT
+    trainer.save_checkpoint(final, weights_only=True)
+    if trainer.is_global_zero:
+        atomic_write_text(done, json.dumps({"stage": name, "global_step": trainer.global_step,
+                                            "final": FINAL_CKPT}, indent=2))
+    return StageResult(name, sdir, final, int(trainer.global_step))
+
+
+def run(cfg: DictConfig) -> list[StageResult]:
+    """Run ``cfg.stage``: one stage, or the whole chain when ``stage=all``."""
+    if str(cfg.stage.name) != "all":
+        return [run_stage(cfg, cfg.stage, init_from=cfg.init_from)]
+    results: list[StageResult] = []
+    init_from = cfg.init_from
+    for name in cfg.stage.chain:
+        result = run_stage(cfg, cfg.stage[name], init_from=init_from)
+        results.append(result)
+        init_from = result.final_ckpt
+    return results

@@ -1,0 +1,122 @@
+"""Stage 1, ``distill``: semantic distillation + rate-distortion in the latent (ONEDC.md §3.1).
+
+::
+
+    x ─VAE─> v ─┐
+    x ──────────┴─ codec ─> (ŷ, ẑ) ─> R = bpp(ŷ) + bits(ẑ)
+                           ├─ semantic(ẑ) ─ head ─> logits ~ teacher(x↓2).indices   (L_distill)
+                           └─ g_s ─> v̂ ~ v                                           (latent MSE)
+    loss = λ(t)·R + w_d·L_distill + w_v·MSE(v̂, v),   λ(t) quadratic warm-up
+
+The teacher is frozen and deliberately *not* a submodule: it is never in ``state_dict``, the
+optimiser, or the DDP/DeepSpeed wrapper; it is moved to the stage's device on use.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from onedc.modules.codec import HyperpriorCodec
+from onedc.modules.distill import SemanticDistillLoss
+from onedc.modules.teachers import Teacher
+from onedc.modules.vae import FrozenVAE
+from onedc.stages.common import ModelIdentity, OptimizerSpec, StageModule, quadratic_ramp
+
+
+class DistillStage(StageModule):
+    """LightningModule of stage 1. Receives built modules; reads no config."""
+
+    def __init__(
+        self,
+        *,
+        vae: FrozenVAE,
+        codec: HyperpriorCodec,
+        teacher: Teacher,
+        distill: SemanticDistillLoss,
+        optimizer: OptimizerSpec,
+        identity: ModelIdentity,
+        lmbda: float = 2.0,
+        lmbda_warmup_steps: int = 0,
+        distill_weight: float = 1.0,
+        latent_weight: float = 1.0,
+    ) -> None:
+        super().__init__(identity)
+        self.vae = vae
+        self.codec = codec
+        self.distill = distill
+        self.__dict__["teacher"] = teacher  # not a submodule: see the module docstring
+        self.optimizer_spec = optimizer
+        self.lmbda = lmbda
+        self.lmbda_warmup_steps = lmbda_warmup_steps
+        self.distill_weight = distill_weight
+        self.latent_weight = latent_weight
+        self._val_code_counts: Tensor | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def current_lambda(self) -> float:
+        """λ at the current global step (quadratic warm-up)."""
+        return quadratic_ramp(self.global_step, self.lmbda, self.lmbda_warmup_steps)
+
+    def _teacher_on_device(self) -> Teacher:
+        teacher: Teacher = self.__dict__["teacher"]
+        first = next(teacher.parameters(), None)
+        if first is not None and first.device != self.device:
+            teacher.to(self.device)
+        return teacher
+
+    def _step(self, x: Tensor) -> dict[str, Tensor]:
+        teacher = self._teacher_on_device()
+        v = self.vae.encode(x)
+        targets = teacher.targets(x)
+        out = self.codec(x, v)
+        bpp = self.codec.bpp(out, x.shape[-2] * x.shape[-1]).mean()
+        distill = self.distill(out.semantic, targets, teacher.codebook())
+        latent_mse = F.mse_loss(out.latent_hat.float(), v)
+        lam = self.current_lambda()
+        loss = lam * bpp + self.distill_weight * distill.loss + self.latent_weight * latent_mse
+        metrics = {
+            "loss": loss, "bpp": bpp, "distill": distill.loss, "distill_ce": distill.ce,
+            "distill_mse": distill.mse, "token_acc": distill.accuracy, "latent_mse": latent_mse,
+        }
+        if targets.indices is not None:
+            metrics["_indices"] = targets.indices
+        return metrics
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        metrics = self._step(batch)
+        metrics.pop("_indices", None)
+        self.log_dict({f"train/{k}": v.detach() for k, v in metrics.items()}, prog_bar=False,
+                      batch_size=batch.shape[0])
+        self.log("bpp", metrics["bpp"].detach(), prog_bar=True, logger=False, batch_size=batch.shape[0])
+        self.log("acc", metrics["token_acc"].detach(), prog_bar=True, logger=False, batch_size=batch.shape[0])
+        self.log("train/lambda", self.current_lambda(), batch_size=batch.shape[0])
+        return metrics["loss"]
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_code_counts = None
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        metrics = self._step(batch)
+        indices = metrics.pop("_indices", None)
+        if indices is not None:
+            teacher = self.__dict__["teacher"]
+            counts = torch.bincount(indices.flatten(), minlength=teacher.num_codes).float()
+            self._val_code_counts = counts if self._val_code_counts is None else self._val_code_counts + counts
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=False,
+                      batch_size=batch.shape[0], sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_code_counts is not None:
+            counts = self.all_gather(self._val_code_counts)
+            counts = counts.sum(0) if counts.dim() > 1 else counts
+            # Accuracy of always predicting the most frequent code: the bar token accuracy must beat.
+            self.log("val/majority_acc", counts.max() / counts.sum().clamp_min(1), sync_dist=False)
+
+    def configure_optimizers(self) -> Any:
+        params = [p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("vae.")]
+        optimizer = self.optimizer_spec.build(params)
+        return {"optimizer": optimizer, "lr_scheduler": self.optimizer_spec.scheduler(optimizer)}

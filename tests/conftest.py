@@ -1,0 +1,48 @@
+"""Test-wide set-up: no network, no caches outside temp dirs, few threads."""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+import pytest
+
+_CACHE = tempfile.mkdtemp(prefix="onedc-test-cache-")
+for _key, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HOME": os.path.join(_CACHE, "hf"),
+    "TORCH_HOME": os.path.join(_CACHE, "torch"),
+    "MPLCONFIGDIR": os.path.join(_CACHE, "mpl"),
+    "TORCH_EXTENSIONS_DIR": os.path.join(_CACHE, "torch_extensions"),
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+
+class NetworkAccessError(RuntimeError):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """Any attempt to reach a non-loopback address fails the test."""
+    real_connect = socket.socket.connect
+
+    def guarded_connect(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and (host.startswith("127.") or host in ("localhost", "::1")
+                                      or self.family == getattr(socket, "AF_UNIX", None)):
+            return real_connect(self, address)
+        raise NetworkAccessError(f"test tried to reach the network: {address!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    import torch
+
+    torch.manual_seed(0)
+    yield
