@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print_cfg = "--cfg" in argv
     argv = [a for a in argv if a != "--cfg"]
-    logging.basicConfig(level=logging.INFO, format="[onedc] %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[onedc] %(message)s"))
+    logging.getLogger("onedc").addHandler(handler)
+    logging.getLogger("onedc").setLevel(logging.INFO)
     try:
         cfg = compose(argv)
         if print_cfg:

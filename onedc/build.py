@@ -27,15 +27,35 @@ def build_vae(model_cfg: DictConfig | dict, device: str | torch.device | None = 
                   scaling_factor=vae.get("scaling_factor"), device=device)
 
 
-def build_codec(model_cfg: DictConfig | dict, vae_channels: int = 4, device: str | torch.device | None = None):
-    """The ``HyperpriorCodec`` of ``model.codec`` (random init; weights come from checkpoints)."""
+def build_codec(model_cfg: DictConfig | dict, vae_channels: int = 4):
+    """The ``HyperpriorCodec`` of ``model.codec`` (random init; weights come from checkpoints).
+
+    There is no ``meta`` option: CompressAI's GDN initialises from real tensors, and the codec is
+    small enough (tens of M parameters at full size) to build on the CPU for counting.
+    """
     from onedc.modules.codec import HyperpriorCodec
 
-    kwargs = _plain(model_cfg["codec"])
-    if str(device) == "meta":
-        with torch.device("meta"):
-            return HyperpriorCodec(vae_channels=vae_channels, **kwargs)
-    return HyperpriorCodec(vae_channels=vae_channels, **kwargs)
+    return HyperpriorCodec(vae_channels=vae_channels, **_plain(model_cfg["codec"]))
+
+
+def build_generator(model_cfg: DictConfig | dict, device: str | torch.device | None = None):
+    """The ``OneStepGenerator`` of ``model.generator`` (a model config node or the dict stored in a checkpoint).
+
+    Its conv_in input and cross-attention width come from ``model.codec`` (gs_channels, token_dim).
+    """
+    from onedc.modules.generator import build_generator as _build
+
+    gen, codec = _plain(model_cfg["generator"]), _plain(model_cfg["codec"])
+    unet = gen.get("unet") or {}
+    if gen.get("pretrained") is None and unet.get("cross_attention_dim") not in (None, codec["token_dim"]):
+        raise ConfigError(f"model.codec.token_dim={codec['token_dim']} but model.generator.unet.cross_attention_dim="
+                          f"{unet['cross_attention_dim']}: the semantic tokens are the UNet's cross-attention "
+                          "context, set both to the same width")
+    return _build(gs_channels=int(codec["gs_channels"]), token_dim=int(codec["token_dim"]),
+                  pretrained=gen.get("pretrained"), unet_config=unet or None, seed=int(gen.get("seed", 0)),
+                  timestep=int(gen.get("timestep", 999)), prediction_type=str(gen.get("prediction_type", "epsilon")),
+                  scheduler_config=gen.get("scheduler") or {}, lora=gen.get("lora"),
+                  gradient_checkpointing=bool(gen.get("gradient_checkpointing", False)), device=device)
 
 
 def teacher_kwargs(tokenizer_cfg: DictConfig) -> dict[str, Any]:
@@ -116,8 +136,28 @@ def _build_distill(cfg: DictConfig, stage_cfg: DictConfig):
     )
 
 
+def _build_latent(cfg: DictConfig, stage_cfg: DictConfig):
+    from onedc.stages.latent import LatentStage
+
+    vae = build_vae(cfg.model)
+    codec = build_codec(cfg.model, vae.latent_channels)
+    generator = build_generator(cfg.model)
+    if generator.latent_channels != vae.latent_channels:
+        raise ConfigError(f"the UNet outputs {generator.latent_channels} channels but the VAE latent has "
+                          f"{vae.latent_channels}: set model.generator.unet.out_channels={vae.latent_channels}")
+    ema = stage_cfg.get("ema_decay")
+    images = stage_cfg.get("image_every_n_steps")
+    return LatentStage(
+        vae=vae, codec=codec, generator=generator, optimizer=optimizer_spec(stage_cfg),
+        identity=identity(cfg, stage_cfg), train_codec=bool(stage_cfg.train_codec), lmbda=float(stage_cfg.lmbda),
+        latent_loss=str(stage_cfg.latent_loss), ema_decay=None if ema is None else float(ema),
+        image_every_n_steps=None if images is None else int(images),
+    )
+
+
 STAGE_BUILDERS: dict[str, Callable[[DictConfig, DictConfig], Any]] = {
     "distill": _build_distill,
+    "latent": _build_latent,
 }
 
 

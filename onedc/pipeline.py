@@ -8,6 +8,7 @@ Run-dir layout (deterministic, so every DDP rank and every re-run agree)::
     <run_dir>/<stage>/checkpoints/best.ckpt  best validation loss
     <run_dir>/<stage>/final.ckpt             weights at the end (EMA where the stage has one)
     <run_dir>/<stage>/DONE.json              completion marker: a finished stage is skipped
+    <run_dir>/<stage>/val_history.json       validation metrics per run (step 0 = before training)
     <run_dir>/<stage>/tb/                    TensorBoard events
 
 ``init_from`` (weights only, fresh optimiser) and ``resume`` (full state) are distinct: the
@@ -241,7 +242,9 @@ def make_trainer(cfg: DictConfig, stage_cfg: DictConfig, stage_dir: Path, strate
         log_every_n_steps=int(stage_cfg.log_every_n_steps), gradient_clip_val=stage_cfg.get("grad_clip"),
         accumulate_grad_batches=accumulation(tcfg, int(cfg.data.batch_size)),
         deterministic=bool(tcfg.deterministic), enable_progress_bar=bool(tcfg.enable_progress_bar),
-        logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0,
+        logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+        # The sanity pass doubles as the step-0 validation of the summary (first -> last).
+        num_sanity_val_steps=int(stage_cfg.get("sanity_val_batches", 2)),
         enable_model_summary=_rank() == 0,
     )
 
@@ -292,6 +295,8 @@ def run_stage(cfg: DictConfig, stage_cfg: DictConfig, init_from: str | Path | No
     if resume is not None:
         check_identity(read_checkpoint(resume), cfg, resume, compare_tokenizer=(name == "distill"))
 
+    if cfg.trainer.get("num_threads"):
+        torch.set_num_threads(int(cfg.trainer.num_threads))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     module = build_stage(cfg, stage_cfg)
     if resume is None and init_from is not None:
@@ -308,6 +313,7 @@ def run_stage(cfg: DictConfig, stage_cfg: DictConfig, init_from: str | Path | No
     final = sdir / FINAL_CKPT
     trainer.save_checkpoint(final, weights_only=True)
     if trainer.is_global_zero:
+        atomic_write_text(sdir / "val_history.json", json.dumps(module.val_history, indent=1))
         atomic_write_text(done, json.dumps({"stage": name, "global_step": trainer.global_step,
                                             "final": FINAL_CKPT}, indent=2))
     return StageResult(name, sdir, final, int(trainer.global_step))

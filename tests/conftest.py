@@ -40,6 +40,14 @@ def _no_network(monkeypatch):
     yield
 
 
+def pytest_configure(config):
+    import torch
+
+    # Tiny models gain nothing from intra-op threads; two threads on a shared 2-core box
+    # oversubscribe it (a 50-step test went from 0.25 s to 10 s).
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     import torch

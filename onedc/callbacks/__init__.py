@@ -1,4 +1,6 @@
 """Lightning callbacks and plugins of onedc."""
 from onedc.callbacks.checkpoint_io import AtomicCheckpointIO
+from onedc.callbacks.ema import EMACallback
+from onedc.callbacks.images import ImageGridCallback
 
-__all__ = ["AtomicCheckpointIO"]
+__all__ = ["AtomicCheckpointIO", "EMACallback", "ImageGridCallback"]

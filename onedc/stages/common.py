@@ -66,11 +66,52 @@ class ModelIdentity:
 
 
 class StageModule(pl.LightningModule):
-    """Base of the stage LightningModules: checkpoint metadata and coding-table upkeep."""
+    """Base of the stage LightningModules: checkpoint metadata, coding-table upkeep, and a
+    validation history (``val_history``: one dict of epoch-mean metrics per validation run,
+    the step-0 sanity pass included) that survives resume and ends in a first-vs-last summary.
+    """
+
+    summary_keys: tuple[str, ...] = ("loss",)
 
     def __init__(self, identity: ModelIdentity) -> None:
         super().__init__()
         self.identity = identity
+        self.val_history: list[dict[str, float]] = []
+        self._val_sums: dict[str, float] = {}
+        self._val_count = 0
+
+    # ------------------------------------------------------------- validation history
+    def record_val(self, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
+        """Accumulate batch metrics for this validation run (sanity pass included)."""
+        for key, value in metrics.items():
+            self._val_sums[key] = self._val_sums.get(key, 0.0) + float(value.detach()) * batch_size
+        self._val_count += batch_size
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums, self._val_count = {}, 0
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_count:
+            return
+        sums = torch.tensor(list(self._val_sums.values()) + [float(self._val_count)], device=self.device)
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum") if self.trainer.world_size > 1 else sums
+        entry = {k: float(v) / float(sums[-1]) for k, v in zip(self._val_sums, sums[:-1].tolist())}
+        entry["step"] = int(self.global_step)
+        self.val_history.append(entry)
+
+    def summary(self) -> str:
+        """One line: each summary metric at the first and the last validation."""
+        if not self.val_history:
+            return "no validation ran"
+        first, last = self.val_history[0], self.val_history[-1]
+        parts = [f"{k} {first[k]:.4f} -> {last[k]:.4f}" for k in self.summary_keys if k in first and k in last]
+        return f"val (step {first['step']} -> {last['step']}): " + "; ".join(parts)
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            import logging
+
+            logging.getLogger("onedc").info("%s %s", self.identity.stage, self.summary())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The rANS tables must be current in every checkpoint so that it can compress at once.
@@ -81,6 +122,7 @@ class StageModule(pl.LightningModule):
             for key, value in codec.state_dict().items():
                 if key.startswith("gaussian_conditional."):
                     checkpoint["state_dict"][prefix + key] = value
+        checkpoint["val_history"] = list(self.val_history)
         checkpoint["onedc"] = {
             "format": CHECKPOINT_FORMAT,
             "stage": self.identity.stage,
@@ -89,6 +131,7 @@ class StageModule(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.val_history = list(checkpoint.get("val_history", []))
         # CDF buffers change size with update(): resize ours before Lightning's strict load.
         codec = getattr(self, "codec", None)
         if codec is not None:

@@ -29,6 +29,8 @@ from onedc.stages.common import ModelIdentity, OptimizerSpec, StageModule, quadr
 class DistillStage(StageModule):
     """LightningModule of stage 1. Receives built modules; reads no config."""
 
+    summary_keys = ("bpp", "token_acc", "majority_acc", "distill_ce", "latent_mse")
+
     def __init__(
         self,
         *,
@@ -97,6 +99,7 @@ class DistillStage(StageModule):
         return metrics["loss"]
 
     def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
         self._val_code_counts = None
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
@@ -108,13 +111,17 @@ class DistillStage(StageModule):
             self._val_code_counts = counts if self._val_code_counts is None else self._val_code_counts + counts
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=False,
                       batch_size=batch.shape[0], sync_dist=True)
+        self.record_val(metrics, batch.shape[0])
 
     def on_validation_epoch_end(self) -> None:
         if self._val_code_counts is not None:
             counts = self.all_gather(self._val_code_counts)
             counts = counts.sum(0) if counts.dim() > 1 else counts
             # Accuracy of always predicting the most frequent code: the bar token accuracy must beat.
-            self.log("val/majority_acc", counts.max() / counts.sum().clamp_min(1), sync_dist=False)
+            majority = counts.max() / counts.sum().clamp_min(1)
+            self.log("val/majority_acc", majority, sync_dist=False)
+            self._val_sums["majority_acc"] = float(majority) * self._val_count
+        super().on_validation_epoch_end()
 
     def configure_optimizers(self) -> Any:
         params = [p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("vae.")]

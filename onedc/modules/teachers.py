@@ -1,0 +1,603 @@
+"""Frozen generative-tokenizer teachers that produce the semantic-distillation targets.
+
+OneDC trains the hyperprior's semantic features to predict what a pretrained tokenizer sees in
+the image (design §2). The teacher is swappable; every teacher maps an image in ``[-1, 1]`` to
+a :class:`TeacherTargets` on its own token grid::
+
+    x (B,3,H,W) in [-1,1]
+      -> resize by input_scale (antialiased bilinear), teacher-specific normalisation
+      -> VQ tokenizer      : encoder -> quant_conv -> nearest code -> indices (B,h,w), z_q (B,C,h,w)
+      -> feature backbone  : ViT patch tokens (prefix tokens dropped)  -> features (B,C,h,w)
+
+Three implementations: :class:`VQTeacher` (diffusers ``VQModel``, e.g. MaskGIT-VQGAN: f16 on the
+image downsampled x2 gives a token grid at 1/32), :class:`TimmFeatureTeacher` (any timm ViT such
+as DINOv2) and :class:`TransformersFeatureTeacher` (transformers vision models such as DINOv2).
+:func:`build_teacher` builds one from the plain-dict contents of a ``configs/tokenizer/*.yaml``.
+
+A teacher is frozen for good: no parameter requires grad and ``train()`` keeps it in eval mode,
+so targets stay a fixed function of the image for the whole run. ``identity`` names the teacher
+(weights content hash, or architecture + seed for random weights) so a stage can refuse to
+resume a checkpoint whose predictor head was trained against another teacher.
+"""
+from __future__ import annotations
+
+import abc
+import hashlib
+import inspect
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from onedc.errors import ConfigError, OneDCError, WeightsError
+
+__all__ = [
+    "TEACHER_KINDS",
+    "Teacher",
+    "TeacherTargets",
+    "TimmFeatureTeacher",
+    "TransformersFeatureTeacher",
+    "VQTeacher",
+    "build_teacher",
+]
+
+TEACHER_KINDS: tuple[str, ...] = ("vq", "timm", "transformers")
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+# Files whose content defines a saved model directory; hashed into the teacher identity.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+_STATE_DICT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+class TeacherTargets(NamedTuple):
+    """Distillation targets of one image batch on the teacher's token grid."""
+
+    indices: torch.Tensor | None
+    """(B, h, w) int64 codebook indices for VQ teachers; None for feature teachers."""
+    latents: torch.Tensor
+    """(B, C, h, w) float32: quantised latent (VQ) or patch features (feature teachers)."""
+
+
+class Teacher(nn.Module, abc.ABC):
+    """A frozen tokenizer that turns images into distillation targets.
+
+    Subclasses set up their backbone and implement :meth:`_targets`; this base class owns the
+    chores every teacher shares: freezing, staying in eval mode, refusing meta-device use,
+    running in full precision even under autocast, and the ``[-1, 1]`` input contract.
+    """
+
+    kind: str
+    target_dim: int
+    num_codes: int | None
+    identity: str
+    input_scale: float
+
+    def __init__(self, *, kind: str, target_dim: int, num_codes: int | None, identity: str,
+                 input_scale: float) -> None:
+        super().__init__()
+        if not input_scale > 0:
+            raise ConfigError(f"teacher input_scale must be > 0, got {input_scale}")
+        self.kind = kind
+        self.target_dim = int(target_dim)
+        self.num_codes = None if num_codes is None else int(num_codes)
+        self.identity = identity
+        self.input_scale = float(input_scale)
+
+    def _freeze(self) -> None:
+        """Called by subclasses once all submodules exist."""
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> Teacher:
+        """Ignore ``mode``: a teacher stays in eval mode so its targets never change.
+
+        Parent modules call ``train()`` recursively at the start of every fit loop; dropout or
+        batch-norm statistic updates in the teacher would silently change the targets.
+        """
+        return super().train(False)
+
+    @property
+    def is_meta(self) -> bool:
+        """True when built on the meta device (architecture only, for parameter counting)."""
+        return any(p.is_meta for p in self.parameters())
+
+    def codebook(self) -> torch.Tensor | None:
+        """The (K, C) codebook of a VQ teacher (its embedding weight); None for feature teachers."""
+        return None
+
+    @torch.no_grad()
+    def targets(self, x: torch.Tensor) -> TeacherTargets:
+        """Targets for an image batch ``x`` of shape (B, 3, H, W) with values in ``[-1, 1]``.
+
+        The teacher resizes and normalises the image itself. It runs with autocast disabled and
+        in its parameters' dtype: a bf16 autocast region around a VQ encoder flips nearest-code
+        decisions, which would make the targets depend on the training precision.
+        """
+        if self.is_meta:
+            raise WeightsError(
+                f"teacher {self.identity} was built on the meta device (architecture only, for "
+                "parameter counting); build it with a real device to compute targets")
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"teacher expects images of shape (B, 3, H, W), got {tuple(x.shape)}")
+        param = next(self.parameters())
+        x = x.to(device=param.device, dtype=param.dtype)
+        with torch.autocast(device_type=param.device.type, enabled=False):
+            out = self._targets(x)
+        return TeacherTargets(out.indices, out.latents.float())
+
+    @abc.abstractmethod
+    def _targets(self, x: torch.Tensor) -> TeacherTargets:
+        """Targets for ``x`` in ``[-1, 1]``, already on the teacher's device and dtype."""
+
+    def extra_repr(self) -> str:
+        return (f"kind={self.kind!r}, target_dim={self.target_dim}, num_codes={self.num_codes}, "
+                f"input_scale={self.input_scale}, identity={self.identity!r}")
+
+
+def _scaled_size(height: int, width: int, scale: float, multiple: int = 1) -> tuple[int, int]:
+    """(H, W) times ``scale``, rounded to the nearest positive multiple of ``multiple``."""
+    def one(n: int) -> int:
+        return max(multiple, int(round(n * scale / multiple)) * multiple)
+    return one(height), one(width)
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Antialiased bilinear resize (antialias matters when downsampling: it avoids aliasing)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+class VQTeacher(Teacher):
+    """A diffusers ``VQModel`` tokenizer (MaskGIT-VQGAN style) as a distillation teacher.
+
+    ``encode`` (encoder + quant_conv) gives the pre-quantisation latent; the model's own
+    ``VectorQuantizer`` picks the nearest code. The returned latent is the codebook row of each
+    index, exactly: the quantizer's straight-through output ``z + (z_q - z)`` differs from the
+    codebook entry by rounding, and the MSE target must be the codebook geometry itself.
+    """
+
+    def __init__(self, model: nn.Module, *, identity: str, input_scale: float = 0.5) -> None:
+        quantize = model.quantize
+        super().__init__(kind="vq", target_dim=quantize.vq_embed_dim, num_codes=quantize.n_e,
+                         identity=identity, input_scale=input_scale)
+        self.model = model
+        self._freeze()
+
+    def codebook(self) -> torch.Tensor:
+        """The (K, C) code embedding matrix (detached; the teacher is frozen)."""
+        return self.model.quantize.embedding.weight.detach()
+
+    def _targets(self, x: torch.Tensor) -> TeacherTargets:
+        x = _resize(x, _scaled_size(x.shape[-2], x.shape[-1], self.input_scale))
+        h = self.model.encode(x).latents
+        batch, _, height, width = h.shape
+        _, _, (_, _, indices) = self.model.quantize(h)
+        indices = indices.reshape(batch, height, width).long()
+        latents = self.model.quantize.embedding(indices).permute(0, 3, 1, 2).contiguous()
+        return TeacherTargets(indices, latents)
+
+
+class _FeatureTeacher(Teacher):
+    """Shared input handling of the ViT feature teachers: [-1,1] -> [0,1] -> mean/std."""
+
+    def __init__(self, *, target_dim: int, identity: str, input_scale: float,
+                 mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__(kind="feature", target_dim=target_dim, num_codes=None, identity=identity,
+                         input_scale=input_scale)
+        # Non-persistent: the statistics come from the backbone's config, not from checkpoints.
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1),
+                             persistent=False)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x + 1.0) * 0.5 - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    @staticmethod
+    def _tokens_to_grid(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """(B, prefix + h*w, C) -> (B, C, h, w), dropping the leading CLS/register tokens."""
+        prefix = tokens.shape[1] - height * width
+        if prefix < 0:
+            raise RuntimeError(f"backbone returned {tokens.shape[1]} tokens, fewer than the "
+                               f"{height}x{width} patch grid")
+        patches = tokens[:, prefix:]
+        return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
+
+
+class TimmFeatureTeacher(_FeatureTeacher):
+    """A timm backbone (e.g. ``vit_base_patch14_dinov2``) whose patch tokens are the targets.
+
+    The normalisation comes from the model's ``pretrained_cfg``. A ViT built with
+    ``dynamic_img_size=True`` sees the image at ``input_scale`` rounded to whole patches; a
+    fixed-size ViT (the timm default) needs exactly its ``img_size``, so the image is resized to
+    that (the aspect ratio is then not kept). CNN backbones' ``forward_features`` already return
+    a (B, C, h, w) map and are used as is.
+    """
+
+    def __init__(self, model: nn.Module, *, identity: str, input_scale: float = 0.5) -> None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        super().__init__(target_dim=model.num_features, identity=identity, input_scale=input_scale,
+                         mean=cfg.get("mean", IMAGENET_MEAN), std=cfg.get("std", IMAGENET_STD))
+        self.model = model
+        self._freeze()
+
+    def _input_size(self, height: int, width: int) -> tuple[int, int]:
+        patch_embed = getattr(self.model, "patch_embed", None)
+        if patch_embed is None:
+            return _scaled_size(height, width, self.input_scale)
+        if getattr(patch_embed, "strict_img_size", False):
+            return tuple(patch_embed.img_size)
+        return _scaled_size(height, width, self.input_scale, multiple=patch_embed.patch_size[0])
+
+    def _targets(self, x: torch.Tensor) -> TeacherTargets:
+        size = self._input_size(x.shape[-2], x.shape[-1])
+        feats = self.model.forward_features(self._normalise(_resize(x, size)))
+        if feats.ndim == 4:
+            return TeacherTargets(None, feats)
+        patch = self.model.patch_embed.patch_size
+        grid = self._tokens_to_grid(feats, size[0] // patch[0], size[1] // patch[1])
+        return TeacherTargets(None, grid)
+
+
+class TransformersFeatureTeacher(_FeatureTeacher):
+    """A transformers vision backbone (e.g. ``Dinov2Model``) whose patch tokens are the targets.
+
+    The image is resized by ``input_scale`` to whole patches; DINOv2 interpolates its position
+    embeddings to any grid (ViT-style models get ``interpolate_pos_encoding=True``). The leading
+    CLS and register tokens of ``last_hidden_state`` are dropped.
+    """
+
+    def __init__(self, model: nn.Module, *, identity: str, input_scale: float = 0.5,
+                 mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD) -> None:
+        super().__init__(target_dim=model.config.hidden_size, identity=identity,
+                         input_scale=input_scale, mean=mean, std=std)
+        self.model = model
+        patch = model.config.patch_size
+        self.patch_size: tuple[int, int] = tuple(patch) if isinstance(patch, Sequence) else (patch, patch)
+        self._interpolate = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
+        self._freeze()
+
+    def _targets(self, x: torch.Tensor) -> TeacherTargets:
+        ph, pw = self.patch_size
+        height = _scaled_size(x.shape[-2], x.shape[-1], self.input_scale, multiple=ph)[0]
+        width = _scaled_size(x.shape[-2], x.shape[-1], self.input_scale, multiple=pw)[1]
+        kwargs = {"interpolate_pos_encoding": True} if self._interpolate else {}
+        out = self.model(pixel_values=self._normalise(_resize(x, (height, width))), **kwargs)
+        return TeacherTargets(None, self._tokens_to_grid(out.last_hidden_state, height // ph, width // pw))
+
+
+# --------------------------------------------------------------------------------------------
+# Identity
+# --------------------------------------------------------------------------------------------
+
+def _sha256_files(paths: Iterable[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _weights_identity(cls: type, path: Path, input_scale: float) -> str:
+    """Identity from weights content, not location: moving the weights keeps the identity."""
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir()
+                       if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.name == "config.json"))
+    else:
+        files = [path]
+    return f"{cls.__name__}:sha256={_sha256_files(files)}:scale={input_scale:g}"
+
+
+def _random_identity(cls: type, spec: dict[str, Any], seed: int, input_scale: float) -> str:
+    blob = json.dumps(spec, sort_keys=True, default=str).encode()
+    return (f"{cls.__name__}:random:cfg={hashlib.sha256(blob).hexdigest()[:12]}:seed={seed}"
+            f":scale={input_scale:g}")
+
+
+# --------------------------------------------------------------------------------------------
+# Random-teacher codebook initialisation (tiny random teachers only)
+# --------------------------------------------------------------------------------------------
+
+def _pseudo_images(count: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """A fixed batch of structured images in [-1, 1]: smooth colour fields, ramps and stripes.
+
+    Used only to give a randomly initialised VQ tokenizer a codebook that covers the latents
+    real images produce; pure noise would not, because its encoder latents all look alike.
+    """
+    images = []
+    coords = torch.linspace(-1.0, 1.0, size)
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    for i in range(count):
+        res = (2, 4, 8)[i % 3]
+        field = torch.rand(1, 3, res, res, generator=generator) * 2 - 1
+        img = F.interpolate(field, size=(size, size), mode="bicubic", align_corners=False)[0]
+        angle = torch.rand((), generator=generator) * math.pi
+        freq = 1.0 + 6.0 * torch.rand((), generator=generator)
+        wave = torch.sin(freq * math.pi * (xx * torch.cos(angle) + yy * torch.sin(angle)))
+        colour = torch.rand(3, 1, 1, generator=generator) * 2 - 1
+        img = img + 0.5 * (i % 2) * wave * colour
+        images.append(img.clamp(-1.0, 1.0))
+    return torch.stack(images)
+
+
+@torch.no_grad()
+def _init_codebook_from_data(model: nn.Module, seed: int, iterations: int = 10) -> None:
+    """Spread a random VQModel's codebook over the latents of a fixed pseudo-image batch.
+
+    Tiny random teachers only (``pretrained=None``; real teachers bring trained codebooks).
+    diffusers initialises codes uniformly in ``±1/K`` around the origin while a random
+    encoder's latents sit far from it, so the nearest code is decided by a few directions and
+    mostly by token position: the tiny test teacher used 7 of 16 codes and ~3 codes per token
+    position across varied images. A few k-means iterations (farthest-point seeded, all
+    deterministic from ``seed``) place the codes where latents fall: all 16 codes, ~8 per
+    position. It runs on CPU before any device move, so a random teacher is bit-identical on
+    every device; for a full-size random preset (1024 codes) that is about a minute of CPU.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    # The encoder is convolutional: small images keep the init cheap for full-size presets.
+    size = min(int(model.config.sample_size), 64)
+    dim, num_codes = model.quantize.vq_embed_dim, model.quantize.n_e
+    chunks, count = [], 0
+    while count < max(768, 2 * num_codes):
+        latent = model.encode(_pseudo_images(16, size, generator)).latents
+        chunks.append(latent.permute(0, 2, 3, 1).reshape(-1, dim).float())
+        count += chunks[-1].shape[0]
+    latents = torch.cat(chunks)
+    # Farthest-point seeding: deterministic and covers the extremes of the latent cloud.
+    chosen = [int(torch.argmin(torch.cdist(latents.mean(0, keepdim=True), latents)))]
+    dist = torch.cdist(latents[chosen[0]][None], latents)[0]
+    while len(chosen) < num_codes:
+        chosen.append(int(torch.argmax(dist)))
+        dist = torch.minimum(dist, torch.cdist(latents[chosen[-1]][None], latents)[0])
+    codes = latents[chosen].clone()
+    for _ in range(iterations):
+        assign = torch.argmin(torch.cdist(latents, codes), dim=1)
+        sums = torch.zeros_like(codes).index_add_(0, assign, latents)
+        counts = torch.bincount(assign, minlength=num_codes).to(codes.dtype)[:, None]
+        # An emptied cluster keeps its previous centre.
+        codes = torch.where(counts > 0, sums / counts.clamp_min(1), codes)
+    weight = model.quantize.embedding.weight
+    weight.copy_(codes.to(weight.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Builders
+# --------------------------------------------------------------------------------------------
+
+def _build_random(fn, seed: int, meta: bool) -> nn.Module:
+    """Run ``fn`` on the meta device, or seeded with a forked RNG so the caller's RNG is untouched."""
+    if meta:
+        with torch.device("meta"):
+            return fn()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return fn()
+
+
+def _check_path(path: Path, expected: str) -> None:
+    if not path.exists():
+        raise WeightsError(f"teacher weights not found at {path}: expected {expected}")
+
+
+def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    # Training checkpoints nest the weights; plain state-dict files do not.
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path} does not hold a state dict (found {type(state).__name__})")
+    return state
+
+
+def _key_report(missing: Sequence[str], unexpected: Sequence[str], limit: int = 8) -> str:
+    def names(keys: Sequence[str]) -> str:
+        shown = ", ".join(keys[:limit])
+        return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {names(list(missing))}")
+    if unexpected:
+        parts.append(f"unexpected keys: {names(list(unexpected))}")
+    return "; ".join(parts)
+
+
+_VQ_FORMAT = ("a diffusers VQModel directory (config.json + diffusion_pytorch_model.safetensors) or "
+              "a .safetensors/.bin/.pt state-dict file of the VQModel described by `config`")
+
+
+def _build_vq(pretrained: str | None, config: dict | None, seed: int, input_scale: float,
+              meta: bool) -> VQTeacher:
+    from diffusers import VQModel
+
+    def from_config() -> nn.Module:
+        if config is None:
+            raise ConfigError("vq teacher needs `config` (diffusers VQModel kwargs) to build a random "
+                              "VQModel or to load a state-dict file; or give a diffusers directory")
+        try:
+            return VQModel(**config)
+        except TypeError as err:
+            raise ConfigError(f"vq teacher config is not valid VQModel kwargs: {err}") from err
+
+    if pretrained is None:
+        model = _build_random(from_config, seed, meta)
+        if meta:
+            return VQTeacher(model, identity="VQTeacher:meta", input_scale=input_scale)
+        _init_codebook_from_data(model, seed)
+        spec = {"config": config, "codebook": "kmeans-pseudo-images-v1"}
+        return VQTeacher(model, identity=_random_identity(VQTeacher, spec, seed, input_scale),
+                         input_scale=input_scale)
+
+    path = Path(pretrained)
+    _check_path(path, _VQ_FORMAT)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise WeightsError(f"teacher weights dir {path} has no config.json: expected {_VQ_FORMAT}")
+        try:
+            if meta:
+                arch = VQModel.load_config(str(path))
+                model = _build_random(lambda: VQModel.from_config(arch), seed, meta=True)
+            else:
+                model = VQModel.from_pretrained(str(path))
+        except Exception as err:
+            raise WeightsError(f"cannot load VQModel from {path} ({err}): expected {_VQ_FORMAT}") from err
+    elif path.suffix not in _STATE_DICT_SUFFIXES:
+        raise WeightsError(f"teacher weights {path} have an unknown suffix: expected {_VQ_FORMAT}")
+    elif meta:
+        model = _build_random(from_config, seed, meta=True)
+    else:
+        try:
+            state = _load_state_dict_file(path)
+        except OneDCError:
+            raise
+        except Exception as err:
+            raise WeightsError(f"cannot read {path} ({err}): expected {_VQ_FORMAT}") from err
+        model = from_config()
+        result = model.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise WeightsError(f"{path} does not fit the VQModel of `config`: "
+                               f"{_key_report(result.missing_keys, result.unexpected_keys)}")
+    identity = "VQTeacher:meta" if meta else _weights_identity(VQTeacher, path, input_scale)
+    return VQTeacher(model, identity=identity, input_scale=input_scale)
+
+
+def _build_timm(pretrained: str | None, model_name: str | None, model_kwargs: dict | None,
+                seed: int, input_scale: float, meta: bool) -> TimmFeatureTeacher:
+    import timm
+
+    if not model_name:
+        raise ConfigError("timm teacher needs `model_name` (e.g. vit_base_patch14_dinov2)")
+    kwargs = dict(model_kwargs or {})
+    expected = (f"a .safetensors/.pth/.bin weights file of timm model {model_name!r} without "
+                "classifier head (num_classes=0)")
+
+    def make(weights: Path | None) -> nn.Module:
+        # timm's own local-file route: the file replaces the hub source in the pretrained
+        # config, so the model's checkpoint filter (pos-embed resampling, layout conversion)
+        # still applies. num_classes=0 in the overlay keeps timm's load strict (timm relaxes
+        # strictness when model and weights class counts differ), so a wrong file cannot load
+        # half-way.
+        load = (dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(weights), num_classes=0))
+                if weights is not None else dict(pretrained=False))
+        try:
+            return timm.create_model(model_name, num_classes=0, **load, **kwargs)
+        except Exception as err:
+            if weights is not None:
+                raise WeightsError(f"cannot load {weights} into timm model {model_name!r} "
+                                   f"({err}): expected {expected}") from err
+            raise ConfigError(f"cannot build timm model {model_name!r} with {kwargs} ({err})") from err
+
+    if pretrained is None or meta:
+        model = _build_random(lambda: make(None), seed, meta)
+        identity = ("TimmFeatureTeacher:meta" if meta else _random_identity(
+            TimmFeatureTeacher, {"model_name": model_name, "model_kwargs": kwargs}, seed, input_scale))
+        return TimmFeatureTeacher(model, identity=identity, input_scale=input_scale)
+
+    path = Path(pretrained)
+    _check_path(path, expected)
+    if not path.is_file():
+        raise WeightsError(f"teacher weights {path} is not a file: expected {expected}")
+    model = make(path)
+    return TimmFeatureTeacher(model, identity=_weights_identity(TimmFeatureTeacher, path, input_scale),
+                              input_scale=input_scale)
+
+
+def _processor_stats(path: Path) -> tuple[Sequence[float], Sequence[float]]:
+    """Image mean/std from a saved ``preprocessor_config.json``, ImageNet statistics otherwise."""
+    proc = path / "preprocessor_config.json"
+    if proc.is_file():
+        data = json.loads(proc.read_text())
+        if "image_mean" in data and "image_std" in data:
+            return data["image_mean"], data["image_std"]
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def _build_transformers(pretrained: str | None, config: dict | None, seed: int,
+                        input_scale: float, meta: bool) -> TransformersFeatureTeacher:
+    from transformers import AutoConfig, AutoModel
+
+    expected = "a transformers model directory (config.json + model.safetensors), e.g. a saved DINOv2"
+    if pretrained is None:
+        if not config or "model_type" not in config:
+            raise ConfigError("transformers teacher needs `config` with a `model_type` (e.g. dinov2) "
+                              "or `pretrained` (a saved model directory)")
+        try:
+            model_config = AutoConfig.for_model(**config)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"transformers teacher config is not valid ({err})") from err
+        model = _build_random(lambda: AutoModel.from_config(model_config), seed, meta)
+        identity = ("TransformersFeatureTeacher:meta" if meta else _random_identity(
+            TransformersFeatureTeacher, {"config": config}, seed, input_scale))
+        return TransformersFeatureTeacher(model, identity=identity, input_scale=input_scale)
+
+    path = Path(pretrained)
+    _check_path(path, expected)
+    if not (path / "config.json").is_file():
+        raise WeightsError(f"teacher weights dir {path} has no config.json: expected {expected}")
+    try:
+        if meta:
+            model_config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+            model = _build_random(lambda: AutoModel.from_config(model_config), seed, meta=True)
+        else:
+            model = AutoModel.from_pretrained(str(path), local_files_only=True)
+    except Exception as err:
+        raise WeightsError(f"cannot load a transformers model from {path} ({err}): "
+                           f"expected {expected}") from err
+    mean, std = _processor_stats(path)
+    return TransformersFeatureTeacher(
+        model, identity=_weights_identity(TransformersFeatureTeacher, path, input_scale),
+        input_scale=input_scale, mean=mean, std=std)
+
+
+def build_teacher(kind: str, *, pretrained: str | None = None, config: dict | None = None,
+                  model_name: str | None = None, model_kwargs: dict | None = None, seed: int = 0,
+                  input_scale: float = 0.5, allow_random: bool = True,
+                  device: str | torch.device | None = None) -> Teacher:
+    """Build a frozen teacher of ``kind`` ("vq", "timm" or "transformers") from plain options.
+
+    The options are those of a ``configs/tokenizer/*.yaml`` file. ``pretrained`` is a local path
+    (VQ: diffusers VQModel dir or state-dict file of the VQModel in ``config``; timm: weights
+    file for ``model_name``; transformers: saved model dir); ``None`` builds random weights,
+    deterministically from ``seed`` and without touching the global RNG, and is refused when
+    ``allow_random`` is False. ``device="meta"`` builds the architecture only, for counting
+    parameters of full-size presets; such a teacher cannot compute targets. Bad options raise
+    :class:`ConfigError`, missing or unfitting weights :class:`WeightsError`.
+    """
+    if kind not in TEACHER_KINDS:
+        raise ConfigError(f"unknown teacher kind {kind!r}; valid kinds: {', '.join(TEACHER_KINDS)}")
+    unused = {"vq": ("model_name", "model_kwargs"), "timm": ("config",),
+              "transformers": ("model_name", "model_kwargs")}[kind]
+    given = {"config": config, "model_name": model_name, "model_kwargs": model_kwargs}
+    stray = [name for name in unused if given[name]]
+    if stray:
+        raise ConfigError(f"teacher kind {kind!r} does not use {', '.join(stray)}; "
+                          "did you mix options of two tokenizer configs?")
+    meta = device is not None and torch.device(device).type == "meta"
+    if pretrained is None and not allow_random and not meta:
+        raise WeightsError(f"the {kind} teacher has no pretrained weights and random teachers are "
+                           f"not allowed here: set tokenizer.pretrained=/path/to/weights "
+                           f"({'a model dir' if kind != 'timm' else 'a weights file'})")
+    pretrained = None if pretrained is None else str(Path(pretrained).expanduser())
+    if kind == "vq":
+        teacher: Teacher = _build_vq(pretrained, config, seed, input_scale, meta)
+    elif kind == "timm":
+        teacher = _build_timm(pretrained, model_name, model_kwargs, seed, input_scale, meta)
+    else:
+        teacher = _build_transformers(pretrained, config, seed, input_scale, meta)
+    if device is not None and not meta:
+        teacher = teacher.to(device)
+    return teacher

@@ -1,0 +1,174 @@
+"""Stage 2 (`latent`) end to end on the tiny preset: init from a real distill run, train, EMA, resume."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from onedc import pipeline
+from onedc.build import build_stage
+from onedc.callbacks import EMACallback
+from onedc.config import compose
+from onedc.errors import CheckpointError
+from onedc.stages.latent import LatentStage
+
+SMALL = ["model=tiny", "trainer.enable_progress_bar=false", "data.batch_size=2"]
+LATENT_STEPS = 24
+LATENT = SMALL + ["stage=latent", f"trainer.max_steps={LATENT_STEPS}", "stage.val_every_n_steps=12",
+                  f"stage.checkpoint_every_n_steps={LATENT_STEPS}", "stage.lr=2e-3", "stage.warmup_steps=1",
+                  "stage.ema_decay=0.5", "stage.image_every_n_steps=12"]
+
+
+def _codec_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state.items() if k.startswith("codec.")}
+
+
+def _generator_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {f"generator.{k}": v.detach().clone() for k, v in module.generator.state_dict().items()}
+
+
+class Probe(pl.Callback):
+    """Records what the pipeline's own trainer sees: weights at the start/end, losses, the EMA."""
+
+    def __init__(self) -> None:
+        self.records: dict = {"val": []}
+
+    @torch.no_grad()
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.records["codec_start"] = _codec_state(pl_module.state_dict())
+        self.records["generator_start"] = _generator_state(pl_module)
+        ema = next(cb for cb in trainer.callbacks if isinstance(cb, EMACallback))
+        self.records["shadow_start"] = {k: v.clone() for k, v in ema.shadow.items()}
+        pl_module.eval()
+        with torch.random.fork_rng(devices=[]):  # leave the run's RNG stream as it would be
+            batches = [x.to(pl_module.device) for x in trainer.datamodule.val_dataloader()]
+        self.records["val_start"] = torch.stack([pl_module.losses(x)[0]["latent_loss"] for x in batches]).mean().item()
+        # MSE of always predicting a zero latent: the bar a generator that uses its input must beat.
+        self.records["val_zero"] = torch.stack([pl_module.vae.encode(x).square().mean() for x in batches]).mean().item()
+        pl_module.train()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.records["val"].append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+
+    def on_train_end(self, trainer, pl_module) -> None:  # runs after the EMA copied its weights in
+        self.records["codec_end"] = _codec_state(pl_module.state_dict())
+        self.records["generator_end"] = _generator_state(pl_module)
+
+
+def _run_with_probe(monkeypatch, cfg) -> tuple[Probe, list]:
+    probe = Probe()
+    original = LatentStage.configure_callbacks
+    monkeypatch.setattr(LatentStage, "configure_callbacks", lambda self: original(self) + [probe])
+    return probe, pipeline.run(cfg)
+
+
+@pytest.fixture(scope="module")
+def distill_ckpt(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("distill")
+    cfg = compose(SMALL + ["stage=distill", f"run_dir={run_dir}", "trainer.logger=none", "trainer.max_steps=2",
+                           "stage.val_every_n_steps=2", "stage.checkpoint_every_n_steps=2"])
+    return pipeline.run(cfg)[0].final_ckpt
+
+
+@pytest.fixture(scope="module")
+def latent_run(distill_ckpt, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("latent")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        cfg = compose(LATENT + [f"run_dir={run_dir}", f"init_from={distill_ckpt}", "trainer.logger=tensorboard"])
+        probe, results = _run_with_probe(monkeypatch, cfg)
+    return probe.records, results[0], run_dir
+
+
+def test_codec_starts_from_distill_and_stays_frozen(distill_ckpt, latent_run):
+    records, result, _ = latent_run
+    distill = _codec_state(torch.load(distill_ckpt, map_location="cpu", weights_only=False)["state_dict"])
+    assert result.global_step == LATENT_STEPS
+    assert set(records["codec_start"]) == set(distill)
+    for key, value in distill.items():
+        assert torch.equal(records["codec_start"][key], value), key
+        assert torch.equal(records["codec_end"][key], value), key
+    final = torch.load(result.final_ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert all(torch.equal(final[k], v) for k, v in distill.items())
+
+
+def test_validation_latent_loss_drops(latent_run):
+    records, _, _ = latent_run
+    end = records["val"][-1]
+    assert end["val/latent_loss"] < 0.7 * records["val_start"], (records["val_start"], records["val"])
+    assert end["val/latent_loss"] < 0.8 * records["val_zero"], (records["val_zero"], records["val"])
+    assert torch.isfinite(torch.tensor([end["val/psnr"], end["val/bpp"]])).all()
+
+
+def test_final_checkpoint_holds_the_ema_weights(latent_run):
+    records, result, run_dir = latent_run
+    final = torch.load(result.final_ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    last = torch.load(run_dir / "latent" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    raw = last["ema"]["training_weights"]
+    assert set(raw) == {k for k in final if k.startswith("generator.")}  # no LoRA: every weight trains
+    for key in raw:
+        # final.ckpt and last.ckpt's state_dict both hold the EMA; the raw weights differ from it.
+        assert torch.equal(final[key], records["generator_end"][key])
+        assert torch.equal(last["state_dict"][key], final[key])
+    assert any(not torch.equal(raw[k], final[k]) for k in raw)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "latent" / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("images/reconstruction")] == [12, 24]
+
+
+def test_resume_restores_ema_and_training_weights(latent_run, distill_ckpt, monkeypatch):
+    _, result, run_dir = latent_run
+    last = torch.load(run_dir / "latent" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    (run_dir / "latent" / pipeline.DONE_MARKER).unlink()
+    cfg = compose(LATENT + [f"run_dir={run_dir}", f"trainer.max_steps={LATENT_STEPS + 1}",
+                            "trainer.logger=none", "stage.val_every_n_steps=100"])
+    probe, results = _run_with_probe(monkeypatch, cfg)
+    assert results[0].global_step == LATENT_STEPS + 1
+    for key, raw in last["ema"]["training_weights"].items():
+        assert torch.equal(probe.records["generator_start"][key], raw), key
+        assert torch.equal(probe.records["shadow_start"][key], last["state_dict"][key]), key
+
+
+def test_init_reports_missing_and_unexpected_keys(distill_ckpt, tmp_path, caplog):
+    checkpoint = torch.load(distill_ckpt, map_location="cpu", weights_only=False)
+    removed = "codec.h_sem.0.weight"
+    del checkpoint["state_dict"][removed]
+    checkpoint["state_dict"]["codec.extra_head.weight"] = torch.zeros(3)
+    edited = tmp_path / "edited.ckpt"
+    torch.save(checkpoint, edited)
+    cfg = compose(LATENT + [f"run_dir={tmp_path}", "trainer.logger=none"])
+    module = build_stage(cfg, cfg.stage)
+    with caplog.at_level(logging.WARNING, logger="onedc"):
+        report = pipeline.load_init_weights(module, edited, cfg)
+    assert report["missing"] == [removed] and report["unexpected"] == ["codec.extra_head.weight"]
+    assert removed in caplog.text and "codec.extra_head.weight" in caplog.text
+    assert torch.equal(module.state_dict()["codec.h_a.0.weight"], checkpoint["state_dict"]["codec.h_a.0.weight"])
+
+    # A frozen codec stays in eval (exact rounding) when Lightning switches the module to train.
+    module.train()
+    assert not module.codec.training and module.generator.training
+    assert not any(p.requires_grad for p in module.codec.parameters())
+
+
+def test_checkpoint_from_another_model_config_is_refused(distill_ckpt, tmp_path):
+    cfg = compose(LATENT + [f"run_dir={tmp_path}", f"init_from={distill_ckpt}", "model.codec.y_channels=16",
+                            "trainer.logger=none"])
+    with pytest.raises(CheckpointError, match="different model.codec.*y_channels"):
+        pipeline.run(cfg)
+
+
+def test_trainable_codec_adds_the_rate_term(tmp_path):
+    cfg = compose(LATENT + [f"run_dir={tmp_path}", "trainer.logger=none", "stage.train_codec=true", "stage.lmbda=3.0"])
+    module = build_stage(cfg, cfg.stage).train()
+    assert module.codec.training and not module.codec.to_latent.weight.requires_grad
+    optimised = {id(p) for group in module.configure_optimizers()["optimizer"].param_groups for p in group["params"]}
+    assert id(module.codec.g_s[0].weight) in optimised and id(module.codec.to_latent.weight) not in optimised
+    metrics, _ = module.losses(torch.rand(1, 3, 64, 64) * 2 - 1)
+    assert torch.allclose(metrics["loss"], metrics["latent_loss"] + 3.0 * metrics["bpp"])
+    metrics["loss"].backward()
+    assert module.codec.g_a_y[1].weight.grad is not None  # the rate and latent terms reach the encoder
