@@ -214,7 +214,7 @@ def make_trainer(cfg: DictConfig, stage_cfg: DictConfig, stage_dir: Path, strate
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    from onedc.callbacks import AtomicCheckpointIO
+    from onedc.callbacks import AtomicCheckpointIO, RNGStateCallback
 
     tcfg = cfg.trainer
     ckpt_dir = stage_dir / "checkpoints"
@@ -224,6 +224,7 @@ def make_trainer(cfg: DictConfig, stage_cfg: DictConfig, stage_dir: Path, strate
                         monitor="step", mode="max", save_top_k=2, every_n_train_steps=every, save_last=True),
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1,
                         auto_insert_metric_name=False),
+        RNGStateCallback(),
     ]
     logger: Any = False
     if str(tcfg.logger) == "tensorboard":
@@ -246,6 +247,7 @@ def make_trainer(cfg: DictConfig, stage_cfg: DictConfig, stage_dir: Path, strate
         # The sanity pass doubles as the step-0 validation of the summary (first -> last).
         num_sanity_val_steps=int(stage_cfg.get("sanity_val_batches", 2)),
         enable_model_summary=_rank() == 0,
+        use_distributed_sampler=False,  # the datamodule shards and resumes its own sampler
     )
 
 

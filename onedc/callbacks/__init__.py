@@ -2,5 +2,6 @@
 from onedc.callbacks.checkpoint_io import AtomicCheckpointIO
 from onedc.callbacks.ema import EMACallback
 from onedc.callbacks.images import ImageGridCallback
+from onedc.callbacks.rng import RNGStateCallback
 
-__all__ = ["AtomicCheckpointIO", "EMACallback", "ImageGridCallback"]
+__all__ = ["AtomicCheckpointIO", "EMACallback", "ImageGridCallback", "RNGStateCallback"]

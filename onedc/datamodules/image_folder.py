@@ -18,9 +18,9 @@ With ``root=None`` the module trains on photos that ship inside scikit-image and
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning
 import numpy as np
@@ -30,7 +30,7 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image, ImageOps
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from onedc.errors import ConfigError, ImageReadError, OneDCError
 
@@ -254,7 +254,13 @@ class ImageCropDataset(Dataset[Tensor]):
     def __len__(self) -> int:
         return len(self.files) * self.repeat
 
-    def __getitem__(self, index: int) -> Tensor:
+    def __getitem__(self, index: int | tuple[int, int]) -> Tensor:
+        # A (index, crop_seed) key (from ResumableSampler) makes the random crop a function of
+        # the sample's place in the run, not of a global RNG: that is what makes resume exact.
+        generator = None
+        if isinstance(index, tuple):
+            index, crop_seed = index
+            generator = torch.Generator().manual_seed(int(crop_seed))
         file_index = index % len(self.files)
         for offset in range(len(self.files)):
             candidate = (file_index + offset) % len(self.files)
@@ -268,23 +274,78 @@ class ImageCropDataset(Dataset[Tensor]):
                 self._bad.add(candidate)
                 rank_zero_warn(f"skipping unreadable image: {exc}")
                 continue
-            return self._crop(_fit_to_crop(image, self.crop_size, self.small_images))
+            return self._crop(_fit_to_crop(image, self.crop_size, self.small_images), generator)
         raise ImageReadError(
             f"none of the {len(self.files)} images could be read. Check the image folder."
         )
 
-    def _crop(self, image: Tensor) -> Tensor:
+    def _crop(self, image: Tensor, generator: torch.Generator | None = None) -> Tensor:
         height, width = image.shape[-2:]
         size = self.crop_size
         if self.train:
-            top = int(torch.randint(0, height - size + 1, ()))
-            left = int(torch.randint(0, width - size + 1, ()))
+            top = int(torch.randint(0, height - size + 1, (), generator=generator))
+            left = int(torch.randint(0, width - size + 1, (), generator=generator))
         else:
             top, left = (height - size) // 2, (width - size) // 2
         crop = image[:, top : top + size, left : left + size]
-        if self.train and bool(torch.rand(()) < 0.5):
+        if self.train and bool(torch.rand((), generator=generator) < 0.5):
             crop = crop.flip(-1)
         return crop.contiguous()
+
+
+class ResumableSampler(Sampler[tuple[int, int]]):
+    """Shuffled, rank-sharded sample order that is a pure function of (seed, batches consumed).
+
+    Epoch ``e`` visits a permutation drawn from ``seed`` and ``e``; rank ``r`` of ``w`` takes
+    every ``w``-th entry (truncated so all ranks get the same number of full batches). Each key
+    is ``(index, crop_seed)`` so that crops do not depend on a global RNG either. Built with
+    ``start_batch`` (batches already consumed by this rank), the first pass skips ahead: a run
+    resumed at global step ``k`` sees exactly the batches an uninterrupted run would.
+    """
+
+    def __init__(self, length: int, *, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 start_batch: int = 0) -> None:
+        self.length, self.batch_size, self.seed = length, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.batches_per_epoch = max(1, (length // world_size) // batch_size)
+        self.epoch, self._skip = divmod(start_batch, self.batches_per_epoch)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch * self.batch_size
+
+    def _key(self, *parts: int) -> int:
+        value = self.seed
+        for part in parts:
+            value = (value * 1_000_003 + part) % (2**62)
+        return value
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self._key(self.epoch)))
+        shard = order[self.rank :: self.world_size][: len(self)].tolist()
+        start = self._skip * self.batch_size
+        epoch, self._skip = self.epoch, 0
+        self.epoch += 1
+        for position in range(start, len(shard)):
+            yield shard[position], self._key(epoch, position, self.rank)
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning treats as resumable (it has ``state_dict``).
+
+    The position is not stored in the loader state: :class:`ResumableSampler` derives it from
+    the restored global step when the loader is built, which is exact even though Lightning
+    prefetches a batch ahead of the one being trained on.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        sampler = self.batch_sampler.sampler if self.batch_sampler is not None else self.sampler
+        return {"order": "onedc-resumable-v1", "seed": getattr(sampler, "seed", None)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        sampler = self.batch_sampler.sampler if self.batch_sampler is not None else self.sampler
+        if state.get("seed") not in (None, getattr(sampler, "seed", None)):
+            rank_zero_warn(f"resuming with data seed {getattr(sampler, 'seed', None)} but the checkpoint "
+                           f"used {state.get('seed')}: the sample order differs from the interrupted run")
 
 
 class ImageFolderDataModule(lightning.LightningDataModule):
@@ -458,11 +519,22 @@ class ImageFolderDataModule(lightning.LightningDataModule):
     def train_dataloader(self) -> DataLoader[Tensor]:
         """Shuffled random crops; incomplete last batch dropped when a full one exists."""
         train_set = self._require_setup()
-        return DataLoader(
+        trainer = self.trainer
+        rank, world, consumed = 0, 1, 0
+        if trainer is not None:
+            rank, world = trainer.global_rank, trainer.world_size
+            # Lightning restores global_step before it asks for loaders: batches this rank consumed.
+            consumed = trainer.global_step * trainer.accumulate_grad_batches
+        if len(train_set) // world < self.batch_size:
+            raise ConfigError(f"only {len(train_set) // world} training crops per process for data.batch_size="
+                              f"{self.batch_size}: lower data.batch_size or raise data.repeat")
+        sampler = ResumableSampler(len(train_set), batch_size=self.batch_size, seed=self.seed, rank=rank,
+                                   world_size=world, start_batch=consumed)
+        return ResumableDataLoader(
             train_set,
             batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=len(train_set) >= self.batch_size,
+            sampler=sampler,
+            drop_last=True,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self._pin_memory(),
