@@ -1,0 +1,259 @@
+"""The ``.onedc`` file container: one compressed image, self-describing and checksummed.
+
+A file is a fixed 60-byte header followed by the payload (the z stream, then the y stream).
+All integers are unsigned little-endian. Format version 1, byte by byte::
+
+    offset size  type     field          meaning
+    ------ ----  -------  -------------  -----------------------------------------------------
+     0      4    bytes    magic          b"\\x89ODC" (0x89 catches 7-bit / text-mode mangling)
+     4      2    u16      version        container format version (this onedc writes 1)
+     6      2    u16      header_size    bytes before the payload (60 in version 1)
+     8     16    bytes    model_id       first 16 bytes of SHA-256 over the decoder-side weights
+    24      4    u32      height         image height in pixels, 1..65535
+    28      4    u32      width          image width in pixels, 1..65535
+    32      2    u16      pad_bottom     replicate-padded rows below the image (< stride)
+    34      2    u16      pad_right      replicate-padded columns right of it (< stride)
+    36      2    u16      stride         pixels per z position (the codec's multiple, 64)
+    38      2    u16      z_height       z grid rows    = (height + pad_bottom) / stride
+    40      2    u16      z_width        z grid columns = (width + pad_right) / stride
+    42      1    u8       z_bits         bits per fixed-length z index (14 for FSQ [4]*7)
+    43      1    u8       reserved       0
+    44      4    u32      z_len          bytes of the z stream = ceil(z_height*z_width*z_bits/8)
+    48      4    u32      y_len          bytes of the y stream (CompressAI rANS)
+    52      4    u32      payload_crc    zlib.crc32 of the payload (bytes 60 .. end)
+    56      4    u32      header_crc     zlib.crc32 of header bytes 0..55
+    60   z_len   bytes    z stream       bit-packed FSQ indices, MSB first, row-major
+    60+z_len y_len bytes  y stream       rANS-coded ŷ (one image)
+
+The file ends exactly after the y stream: trailing bytes are an error. The header is
+checked in an order that gives each kind of damage its own error class (all subclasses of
+:class:`~onedc.errors.BitstreamError`): magic -> :class:`BadMagicError`; version newer than
+:data:`FORMAT_VERSION` -> :class:`UnsupportedVersionError`; fewer bytes than the header or the
+lengths say -> :class:`TruncatedBitstreamError`; header or payload CRC -> :class:`ChecksumError`;
+model id other than the decoder's -> :class:`ModelMismatchError`. Field values that a CRC-valid
+header can still carry only if written by a broken or hostile writer (sizes out of range,
+inconsistent grid) raise the base :class:`BitstreamError`.
+
+This module is pure Python (struct, zlib): ``onedc info`` reads headers without torch.
+"""
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+from onedc.errors import (
+    BadMagicError,
+    BitstreamError,
+    ChecksumError,
+    ModelMismatchError,
+    TruncatedBitstreamError,
+    UnsupportedVersionError,
+)
+
+MAGIC = b"\x89ODC"
+FORMAT_VERSION = 1
+MODEL_ID_BYTES = 16
+MAX_SIDE = 65535  # image height/width limit (pixels)
+MAX_PADDED_PIXELS = 1 << 28  # 16384^2: bounds what a crafted header can make a decoder allocate
+
+# Everything before header_crc; the "<" prefix means little-endian with no alignment padding.
+_FIELDS = struct.Struct("<4sHH16sIIHHHHHBBIII")
+_HEADER_CRC = struct.Struct("<I")
+HEADER_SIZE = _FIELDS.size + _HEADER_CRC.size  # 60
+_PREFIX = struct.Struct("<4sH")  # magic + version: readable whatever the version's layout
+
+
+@dataclass(frozen=True)
+class Container:
+    """The fields of one ``.onedc`` file (see the module docstring for the byte layout).
+
+    ``z_stream`` and ``y_stream`` are the two coded streams; the padding, the payload CRC and
+    the header size are derived when the container is encoded, so they are not fields.
+    """
+
+    model_id: bytes
+    height: int
+    width: int
+    stride: int
+    z_height: int
+    z_width: int
+    z_bits: int
+    z_stream: bytes
+    y_stream: bytes
+    version: int = FORMAT_VERSION
+
+    @property
+    def pad_bottom(self) -> int:
+        """Rows of replicate padding added below the image before coding."""
+        return self.z_height * self.stride - self.height
+
+    @property
+    def pad_right(self) -> int:
+        """Columns of replicate padding added right of the image before coding."""
+        return self.z_width * self.stride - self.width
+
+    @property
+    def padded_size(self) -> tuple[int, int]:
+        """(height, width) of the coded, padded image."""
+        return self.z_height * self.stride, self.z_width * self.stride
+
+    @property
+    def header_size(self) -> int:
+        """Bytes of the header (everything that is not payload)."""
+        return HEADER_SIZE
+
+    @property
+    def payload_size(self) -> int:
+        """Bytes of the payload: z stream + y stream."""
+        return len(self.z_stream) + len(self.y_stream)
+
+    @property
+    def file_size(self) -> int:
+        """Bytes of the whole file."""
+        return HEADER_SIZE + self.payload_size
+
+    def bpp(self, payload_only: bool = False) -> float:
+        """Real bits per (original, unpadded) pixel of the file, or of its payload only."""
+        size = self.payload_size if payload_only else self.file_size
+        return size * 8 / (self.height * self.width)
+
+    def describe(self) -> dict[str, str]:
+        """Header fields as display strings, in file order (what ``onedc info`` prints)."""
+        return {
+            "format_version": str(self.version),
+            "header_bytes": str(HEADER_SIZE),
+            "model_id": self.model_id.hex(),
+            "height": str(self.height),
+            "width": str(self.width),
+            "pad_bottom": str(self.pad_bottom),
+            "pad_right": str(self.pad_right),
+            "stride": str(self.stride),
+            "z_grid": f"{self.z_height}x{self.z_width}",
+            "z_bits_per_index": str(self.z_bits),
+            "z_bytes": str(len(self.z_stream)),
+            "y_bytes": str(len(self.y_stream)),
+            "payload_crc32": f"{zlib.crc32(self.z_stream + self.y_stream):08x}",
+            "file_bytes": str(self.file_size),
+            "bpp": f"{self.bpp():.6f}",
+            "payload_bpp": f"{self.bpp(payload_only=True):.6f}",
+        }
+
+
+def z_stream_size(z_height: int, z_width: int, z_bits: int) -> int:
+    """Bytes of a bit-packed fixed-length z stream (the last byte is zero-padded)."""
+    return (z_height * z_width * z_bits + 7) // 8
+
+
+def _check_fields(c: Container, error: type[Exception]) -> None:
+    """Raise ``error`` naming the first field of ``c`` that no valid file can hold."""
+    problems = []
+    if len(c.model_id) != MODEL_ID_BYTES:
+        problems.append(f"model id has {len(c.model_id)} bytes, not {MODEL_ID_BYTES}")
+    if not (1 <= c.height <= MAX_SIDE and 1 <= c.width <= MAX_SIDE):
+        problems.append(f"image size {c.height}x{c.width} is outside 1..{MAX_SIDE} pixels per side")
+    if not 1 <= c.stride <= 0xFFFF:
+        problems.append(f"stride {c.stride} is outside 1..65535")
+    elif not (0 <= c.pad_bottom < c.stride and 0 <= c.pad_right < c.stride):
+        problems.append(f"z grid {c.z_height}x{c.z_width} at stride {c.stride} does not cover "
+                        f"{c.height}x{c.width} with less than one stride of padding")
+    elif c.padded_size[0] * c.padded_size[1] > MAX_PADDED_PIXELS:
+        problems.append(f"padded size {c.padded_size[0]}x{c.padded_size[1]} exceeds {MAX_PADDED_PIXELS} pixels")
+    if not 1 <= c.z_bits <= 64:
+        problems.append(f"z index size {c.z_bits} bits is outside 1..64")
+    elif len(c.z_stream) != z_stream_size(c.z_height, c.z_width, c.z_bits):
+        problems.append(f"z stream has {len(c.z_stream)} bytes, a {c.z_height}x{c.z_width} grid of "
+                        f"{c.z_bits}-bit indices takes {z_stream_size(c.z_height, c.z_width, c.z_bits)}")
+    if not 1 <= c.version <= 0xFFFF:
+        problems.append(f"format version {c.version} is outside 1..65535")
+    if len(c.y_stream) > 0xFFFFFFFF:
+        problems.append(f"y stream of {len(c.y_stream)} bytes does not fit a u32 length")
+    if problems:
+        raise error("invalid .onedc header: " + "; ".join(problems))
+
+
+def encode_container(container: Container) -> bytes:
+    """Serialise ``container`` to the bytes of a ``.onedc`` file (header + payload).
+
+    The fields are validated with the same rules the reader applies, so a file this function
+    writes always reads back; an invalid field raises ``ValueError`` (a caller's bug, not a
+    user's). ``container.version`` is written as given, which lets tests fake a newer file.
+    """
+    _check_fields(container, ValueError)
+    payload = container.z_stream + container.y_stream
+    fields = _FIELDS.pack(
+        MAGIC, container.version, HEADER_SIZE, container.model_id, container.height, container.width,
+        container.pad_bottom, container.pad_right, container.stride, container.z_height,
+        container.z_width, container.z_bits, 0, len(container.z_stream), len(container.y_stream),
+        zlib.crc32(payload),
+    )
+    return fields + _HEADER_CRC.pack(zlib.crc32(fields)) + payload
+
+
+def decode_container(data: bytes, expected_model_id: bytes | None = None) -> Container:
+    """Parse and verify the bytes of a ``.onedc`` file; raise a precise ``BitstreamError``.
+
+    Checks, in this order: magic, format version, length of the header, header CRC, header
+    field values, file length against the stream lengths, payload CRC, and finally (when
+    ``expected_model_id`` is given) that the file was written by that model. Nothing else
+    than a :class:`~onedc.errors.BitstreamError` subclass ever escapes, whatever ``data`` is.
+    """
+    data = bytes(data)
+    if len(data) < _PREFIX.size:
+        if not MAGIC.startswith(data[: len(MAGIC)]):
+            raise BadMagicError(_bad_magic_message(data))
+        raise TruncatedBitstreamError(
+            f"file has only {len(data)} bytes, a .onedc header has {HEADER_SIZE}: the file is truncated")
+    magic, version = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise BadMagicError(_bad_magic_message(data))
+    if version > FORMAT_VERSION:
+        raise UnsupportedVersionError(
+            f"file uses .onedc format version {version}, this onedc reads up to version {FORMAT_VERSION}: "
+            "upgrade onedc to decode it")
+    if version == 0:
+        raise UnsupportedVersionError("file declares .onedc format version 0, which does not exist: "
+                                      "the file is corrupt or was not written by onedc")
+    if len(data) < HEADER_SIZE:
+        raise TruncatedBitstreamError(
+            f"file has only {len(data)} bytes, a .onedc header has {HEADER_SIZE}: the file is truncated")
+    fields = _FIELDS.unpack_from(data)
+    (header_crc,) = _HEADER_CRC.unpack_from(data, _FIELDS.size)
+    actual_header_crc = zlib.crc32(data[: _FIELDS.size])
+    if header_crc != actual_header_crc:
+        raise ChecksumError(f"header CRC32 mismatch (stored {header_crc:08x}, computed {actual_header_crc:08x}): "
+                            "the file header is corrupt")
+    (_, _, header_size, model_id, height, width, pad_bottom, pad_right, stride, z_height, z_width, z_bits,
+     reserved, z_len, y_len, payload_crc) = fields
+    if header_size != HEADER_SIZE or reserved != 0:
+        raise BitstreamError(f"invalid .onedc header: header size {header_size} (expected {HEADER_SIZE}) "
+                             f"or reserved byte {reserved} (expected 0) do not match format version {version}")
+    end = HEADER_SIZE + z_len + y_len
+    if len(data) < end:
+        raise TruncatedBitstreamError(
+            f"file has {len(data)} bytes, its header promises {end} (header {HEADER_SIZE} + z {z_len} + y {y_len}): "
+            "the file is truncated")
+    if len(data) > end:
+        raise BitstreamError(f"file has {len(data) - end} bytes after the end of its payload ({end} bytes): "
+                             "it is not a single .onedc file")
+    payload = data[HEADER_SIZE:end]
+    container = Container(model_id=model_id, height=height, width=width, stride=stride, z_height=z_height,
+                          z_width=z_width, z_bits=z_bits, z_stream=payload[:z_len], y_stream=payload[z_len:],
+                          version=version)
+    _check_fields(container, BitstreamError)
+    if (pad_bottom, pad_right) != (container.pad_bottom, container.pad_right):
+        raise BitstreamError(f"invalid .onedc header: padding {pad_bottom}x{pad_right} does not match the "
+                             f"z grid ({container.pad_bottom}x{container.pad_right})")
+    actual_payload_crc = zlib.crc32(payload)
+    if payload_crc != actual_payload_crc:
+        raise ChecksumError(f"payload CRC32 mismatch (stored {payload_crc:08x}, computed {actual_payload_crc:08x}): "
+                            "the file is corrupt")
+    if expected_model_id is not None and model_id != expected_model_id:
+        raise ModelMismatchError(
+            f"file was written by model {model_id.hex()}, but the given checkpoint is model "
+            f"{bytes(expected_model_id).hex()}: pass the checkpoint the file was written with (--ckpt)")
+    return container
+
+
+def _bad_magic_message(data: bytes) -> str:
+    return (f"not a .onedc file: it starts with {data[:len(MAGIC)]!r}, a .onedc file starts with {MAGIC!r}")

@@ -1,0 +1,205 @@
+"""The ``onedc`` console script: compress images to ``.onedc`` files and back.
+
+::
+
+    onedc compress photo.png shots/ -o out/ --ckpt runs/tiny-vq_tiny/distill/final.ckpt
+    onedc decompress out/*.onedc -o decoded/ --ckpt runs/tiny-vq_tiny/distill/final.ckpt
+    onedc info out/photo.onedc
+
+Subcommands live in :data:`SUBCOMMANDS` (name -> registrar adding its parser), so new ones
+(export, eval, ...) plug in without touching :func:`main`. torch, diffusers and the model
+code are imported inside the commands: ``onedc --help`` and ``onedc info`` start fast.
+Every :class:`~onedc.errors.OneDCError` is printed as one ``error: ...`` line on stderr and
+turned into its class's exit code; outputs are written atomically (temp file + rename).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from onedc.errors import OneDCError
+
+
+def _about(path: Path, err: OneDCError) -> OneDCError:
+    """The same error class with the file it concerns in front of the message."""
+    return type(err)(f"{path}: {err}")
+
+
+def _progress(items: list[Any], desc: str) -> Iterable[Any]:
+    """A tqdm bar on stderr when there is more than one item, plain iteration otherwise."""
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="file", disable=len(items) <= 1, file=sys.stderr)
+
+
+def _say(message: str) -> None:
+    """Print a result line on stdout without breaking a running progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stdout)
+
+
+def _targets(sources: list[Path], out_dir: Path, suffix: str) -> list[Path]:
+    """OUT_DIR/<stem><suffix> for each source, refusing two sources that would share one output."""
+    seen: dict[Path, Path] = {}
+    targets = []
+    for src in sources:
+        dst = out_dir / f"{src.stem}{suffix}"
+        if dst in seen:
+            raise OneDCError(f"inputs {seen[dst]} and {src} would both be written to {dst}: "
+                             "rename one or compress them into different output folders")
+        seen[dst] = src
+        targets.append(dst)
+    return targets
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The bytes of a .onedc file; an unreadable path is a BitstreamError (callers add the path)."""
+    from onedc.errors import BitstreamError
+
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise BitstreamError(f"cannot read the file ({err.strerror or err})") from err
+
+
+# --------------------------------------------------------------------------- compress
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from onedc.datamodules.image_folder import list_images, load_image
+    from onedc.inference import OneDCCodec, atomic_write_bytes
+
+    sources: list[Path] = []
+    for item in map(Path, args.inputs):
+        sources += list_images(item) if item.is_dir() else [item]
+    targets = _targets(sources, Path(args.output), ".onedc")
+    codec = OneDCCodec.from_checkpoint(args.ckpt, device=args.device)
+    for src, dst in _progress(list(zip(sources, targets)), "compress"):
+        image = load_image(src)  # ImageReadError already names the file
+        data = codec.compress_image(image)
+        atomic_write_bytes(dst, data)
+        height, width = image.shape[-2:]
+        size = os.path.getsize(dst)
+        _say(f"{src} -> {dst}: {height}x{width}, {size} bytes, {size * 8 / (height * width):.5f} bpp")
+    return 0
+
+
+def _register_compress(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "compress", help="images -> .onedc files",
+        description="Compress images (files, or folders searched recursively) into OUT_DIR/<stem>.onedc.")
+    parser.add_argument("inputs", nargs="+", metavar="IN", help="image files or folders of images")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the .onedc files")
+    parser.add_argument("--ckpt", required=True, help="model checkpoint (.ckpt from train.py)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.set_defaults(func=_cmd_compress)
+
+
+# --------------------------------------------------------------------------- decompress
+def _onedc_files(inputs: Sequence[str]) -> list[Path]:
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(item.rglob("*.onedc"))
+            if not found:
+                raise OneDCError(f"folder {item} holds no .onedc files")
+            files += found
+        else:
+            files.append(item)
+    return files
+
+
+def _cmd_decompress(args: argparse.Namespace) -> int:
+    from onedc.inference import OneDCCodec, save_image
+
+    sources = _onedc_files(args.inputs)
+    targets = _targets(sources, Path(args.output), ".png")
+    codec = OneDCCodec.from_checkpoint(args.ckpt, device=args.device)
+    for src, dst in _progress(list(zip(sources, targets)), "decompress"):
+        try:
+            decoded = codec.decompress_bytes(_read_bytes(src))
+        except OneDCError as err:
+            raise _about(src, err) from err
+        save_image(decoded.image, dst)
+        _say(f"{src} -> {dst}: {decoded.header.height}x{decoded.header.width}")
+    return 0
+
+
+def _register_decompress(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "decompress", help=".onedc files -> PNG images",
+        description="Decompress .onedc files (or folders of them) into OUT_DIR/<stem>.png.")
+    parser.add_argument("inputs", nargs="+", metavar="FILE", help=".onedc files or folders")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the PNG images")
+    parser.add_argument("--ckpt", required=True, help="the checkpoint the files were written with")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.set_defaults(func=_cmd_decompress)
+
+
+# --------------------------------------------------------------------------- info
+def _cmd_info(args: argparse.Namespace) -> int:
+    from onedc.bitstream import decode_container
+
+    for index, src in enumerate(map(Path, args.inputs)):
+        try:
+            header = decode_container(_read_bytes(src))
+        except OneDCError as err:
+            raise _about(src, err) from err
+        if index:
+            print()
+        print(f"file: {src}")
+        for key, value in header.describe().items():
+            print(f"{key}: {value}")
+    return 0
+
+
+def _register_info(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "info", help="print the header fields of .onedc files",
+        description="Verify .onedc files (magic, version, CRCs) and print their header fields, one per line. "
+                    "Needs no checkpoint.")
+    parser.add_argument("inputs", nargs="+", metavar="FILE", help=".onedc files")
+    parser.set_defaults(func=_cmd_info)
+
+
+# --------------------------------------------------------------------------- entry point
+# name -> registrar(subparsers). Other modules add theirs (export, eval) here.
+SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
+    "compress": _register_compress,
+    "decompress": _register_decompress,
+    "info": _register_info,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``onedc`` argument parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="onedc", description="OneDC one-step diffusion image codec: real .onedc files.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for register in SUBCOMMANDS.values():
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``onedc`` command line ``argv`` (default ``sys.argv[1:]``); return the exit code.
+
+    Usage errors exit through argparse (code 2); a :class:`~onedc.errors.OneDCError` prints
+    ``error: <message>`` as a single line on stderr and returns the error's ``exit_code``.
+    """
+    args = build_parser().parse_args(None if argv is None else list(argv))
+    try:
+        return int(args.func(args) or 0)
+    except OneDCError as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return int(getattr(err, "exit_code", 2) or 2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

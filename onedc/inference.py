@@ -1,0 +1,516 @@
+"""Inference bundle: a trained OneDC model that turns images into ``.onedc`` files and back.
+
+::
+
+    compress_image:    x (3,H,W) ─pad to 64─> VAE enc ─> v ─┐
+                       x_padded ────────────────────────────┴─> codec.compress ─> z, y streams
+                       streams + sizes + model id ─> encode_container ─> bytes
+    decompress_bytes:  bytes ─> decode_container (magic, version, CRCs, model id)
+                       ─> codec.decompress ─> ŷ, ẑ, features, tokens
+                       ─> _latent_from: generator(features, tokens) | light latent_hat (stage 1)
+                       ─> VAE dec ─> clamp [-1,1] ─> crop to (H, W)
+
+The model identity written into every file is a SHA-256 over everything that decides what the
+decoder outputs (decoder-side weights, coding tables, FSQ levels, VAE scaling, generator
+settings), so a file decoded with another model fails with ``ModelMismatchError`` instead of
+producing a wrong picture.
+
+Exactness: the decoder recomputes the Gaussian parameters of ŷ from ẑ with the same network as
+the encoder, so the rANS tables agree bit for bit when both sides run on the same device type
+(CPU -> CPU is what the tests check). Floating-point differences between device types can change
+a table index and derail decoding; decode on the kind of device that encoded.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from onedc.bitstream import (
+    HEADER_SIZE,
+    MAX_PADDED_PIXELS,
+    MAX_SIDE,
+    MODEL_ID_BYTES,
+    Container,
+    decode_container,
+    encode_container,
+)
+from onedc.errors import BitstreamError, CheckpointError, OneDCError
+from onedc.modules.codec import DecodedLatents, HyperpriorCodec, HyperpriorOutput, pad_to_multiple
+
+# State-dict prefixes (stage checkpoint naming, see onedc.stages.common) of everything the
+# decoder runs. Encoder-only weights (VAE encoder, g_a, h_a) are left out on purpose: retraining
+# only the encoder side keeps old files decodable, and the id says so.
+DECODER_PREFIXES: tuple[str, ...] = (
+    "vae.autoencoder.decoder.",
+    "vae.autoencoder.post_quant_conv.",
+    "codec.h_s.",
+    "codec.entropy_parameters.",
+    "codec.h_sem.",
+    "codec.token_norm.",
+    "codec.g_s.",
+    "codec.to_latent.",
+    "codec.gaussian_conditional.",
+    "generator.",
+)
+# Parts of the inference bundle; any other prefix in a checkpoint (distill., discriminator., ...)
+# is training-only and ignored.
+BUNDLE_PARTS: tuple[str, ...] = ("vae", "codec", "generator")
+# Non-tensor generator settings that change the decoded image (model.generator config keys).
+GENERATOR_DECODE_SETTINGS: tuple[str, ...] = ("timestep", "prediction_type", "scheduler")
+_TABLE_BUFFERS = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
+
+
+class LoadedWeights(NamedTuple):
+    """What a checkpoint reader returns: the model config dict and a flat, prefixed state dict."""
+
+    model_config: dict[str, Any]
+    state_dict: dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """The result of :meth:`OneDCCodec.decompress_bytes`.
+
+    ``image`` is (3, H, W) in [-1, 1] at the original size; ``y_hat`` (1, M, H'/16, W'/16),
+    ``z_hat`` (1, d, H'/64, W'/64) and ``latent`` (1, C, H'/8, W'/8) are on the padded grid
+    (H', W'), exactly as the decoder computed them; ``header`` is the parsed container.
+    """
+
+    image: Tensor
+    y_hat: Tensor
+    z_hat: Tensor
+    latent: Tensor
+    header: Container
+
+
+def model_identity(state_dict: Mapping[str, Tensor], settings: Mapping[str, Any] | None = None) -> bytes:
+    """First 16 bytes of SHA-256 over the decoder-side tensors of ``state_dict`` and ``settings``.
+
+    ``state_dict`` is the bundle's prefixed state dict (``vae.*``, ``codec.*``, ``generator.*``);
+    only keys under :data:`DECODER_PREFIXES` count. Each tensor contributes its name, dtype,
+    shape and raw bytes, in sorted key order, so the id depends on values only (not on device,
+    memory layout or dict order). ``settings`` (JSON-serialisable, e.g. FSQ levels) is hashed too.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(k for k in state_dict if k.startswith(DECODER_PREFIXES)):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        # A flat uint8 view gives the raw bytes of any dtype (bf16 included, which numpy lacks).
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(json.dumps(dict(settings or {}), sort_keys=True, default=str).encode())
+    return digest.digest()[:MODEL_ID_BYTES]
+
+
+# --------------------------------------------------------------------------- checkpoint readers
+def _read_stage_checkpoint(path: Path) -> LoadedWeights:
+    """A Lightning stage checkpoint (``.ckpt`` file or DeepSpeed folder) written by ``train.py``."""
+    from onedc.pipeline import read_checkpoint
+    from onedc.stages.common import CHECKPOINT_FORMAT
+
+    checkpoint = read_checkpoint(path)
+    meta = checkpoint.get("onedc") if isinstance(checkpoint, dict) else None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise CheckpointError(
+            f"{path} is not an onedc stage checkpoint: it has no 'onedc' metadata with the model config. "
+            "Give a checkpoint written by train.py (e.g. runs/<run>/distill/final.ckpt)")
+    if int(meta.get("format", 0)) > CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {meta.get('format')}, this onedc reads up to "
+                              f"{CHECKPOINT_FORMAT}: upgrade onedc")
+    state_dict = checkpoint.get("state_dict")
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"{path} has no state_dict: it is not a model checkpoint")
+    return LoadedWeights(copy.deepcopy(meta["model"]), state_dict)
+
+
+# Suffix -> reader. Anything else (a DeepSpeed folder, .pt) is tried as a stage checkpoint.
+# Export formats (e.g. ".safetensors") register their reader here.
+CHECKPOINT_READERS: dict[str, Callable[[Path], LoadedWeights]] = {".ckpt": _read_stage_checkpoint}
+
+
+def _split_parts(state_dict: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """Group a prefixed state dict by bundle part, dropping training-only parts."""
+    parts: dict[str, dict[str, Tensor]] = {name: {} for name in BUNDLE_PARTS}
+    for key, value in state_dict.items():
+        head, _, rest = key.partition(".")
+        if head in parts and rest:
+            parts[head][rest] = value
+    return parts
+
+
+def _load_part(name: str, module: nn.Module, weights: dict[str, Tensor], source: Path,
+               allowed_missing: Iterable[str] = (), plain: bool = False) -> None:
+    """Load ``weights`` into ``module`` strictly, reporting any mismatch as a CheckpointError.
+
+    ``plain`` skips the module's own ``load_state_dict`` override (CompressAI's resizes the CDF
+    buffers and fails with a KeyError when they are absent) for ``nn.Module``'s.
+    """
+    if not weights:
+        raise CheckpointError(f"{source} holds no '{name}.' weights: it cannot build the {name} for inference")
+    load = nn.Module.load_state_dict.__get__(module) if plain else module.load_state_dict
+    try:
+        missing, unexpected = load(weights, strict=False)
+    except (RuntimeError, ValueError, KeyError) as err:  # size mismatches raise even when strict=False
+        first = str(err).strip().splitlines()
+        raise CheckpointError(f"{source}: the {name} weights do not fit the model its config builds "
+                              f"({' '.join(line.strip() for line in first[:3])})") from err
+    missing = [k for k in missing if k not in set(allowed_missing)]
+    if missing or unexpected:
+        def shown(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+        raise CheckpointError(
+            f"{source}: the {name} weights do not match its config: "
+            f"missing {shown(missing) or 'none'}; unexpected {shown(list(unexpected)) or 'none'}")
+
+
+def _weights_only_config(model_config: dict[str, Any], part: str, arch_key: str) -> dict[str, Any]:
+    """Drop a ``pretrained`` dir that is not on this machine where an architecture config exists.
+
+    The checkpoint holds all the weights, so the pretrained dir only supplies the architecture:
+    it is used where present (its layout is certain to match), else the config builds it.
+    """
+    node = model_config.get(part)
+    if isinstance(node, dict) and node.get(arch_key) is not None and node.get("pretrained") is not None:
+        if not Path(str(node["pretrained"])).expanduser().is_dir():
+            node["pretrained"] = None
+    return model_config
+
+
+def _tables_missing(codec: HyperpriorCodec) -> bool:
+    return codec.gaussian_conditional._offset.numel() == 0
+
+
+# --------------------------------------------------------------------------- the bundle
+class OneDCCodec(nn.Module):
+    """A trained OneDC model for coding files: frozen VAE + hyperprior codec (+ one-step generator).
+
+    Build it with :meth:`from_checkpoint` (stage checkpoints now, exported weights later) or
+    :meth:`from_config` (random weights, for tests and benchmarks). Everything runs in eval mode
+    without gradients. Submodule names match the stage checkpoints (``vae``, ``codec``,
+    ``generator``), so ``state_dict()`` has the same prefixes.
+    """
+
+    def __init__(self, vae: nn.Module, codec: HyperpriorCodec, generator: nn.Module | None = None,
+                 generator_settings: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        self.vae = vae
+        self.codec = codec
+        self.generator = generator
+        self.generator_settings = dict(generator_settings or {})
+        if _tables_missing(codec):
+            codec.update(force=True)
+        self.requires_grad_(False)
+        self.eval()
+        self._model_id: bytes | None = None
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> "OneDCCodec":
+        """Load the inference bundle from a checkpoint file or folder, on ``device``.
+
+        The reader is chosen by suffix from :data:`CHECKPOINT_READERS` (``.ckpt``: a stage
+        checkpoint with its ``onedc`` metadata); folders and unknown suffixes are read as stage
+        checkpoints. The VAE, codec and (if the checkpoint has one) generator are rebuilt from
+        the stored model config and loaded strictly; training-only weights are ignored. Any
+        problem raises :class:`~onedc.errors.CheckpointError` naming the file.
+        """
+        path = Path(path)
+        reader = CHECKPOINT_READERS.get(path.suffix.lower(), _read_stage_checkpoint)
+        loaded = reader(path)
+        return cls.from_weights(loaded.model_config, loaded.state_dict, device=device, source=path)
+
+    @classmethod
+    def from_weights(cls, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor],
+                     device: str | torch.device = "cpu", source: str | Path = "<weights>") -> "OneDCCodec":
+        """Rebuild the bundle from a model config dict and a prefixed state dict (``vae.*``, ...)."""
+        from onedc import build
+
+        device = _check_device(device)
+        source = Path(source)
+        model_config = copy.deepcopy(dict(model_config))
+        _weights_only_config(model_config, "vae", "config")
+        _weights_only_config(model_config, "generator", "unet")
+        parts = _split_parts(state_dict)
+        try:
+            vae = build.build_vae(model_config)
+            codec = build.build_codec(model_config, vae.latent_channels)
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{source}: its model config cannot build the VAE/codec "
+                                  f"({type(err).__name__}: {err})") from err
+        _load_part("vae", vae, parts["vae"], source)
+        codec_weights = dict(parts["codec"])
+        tables = [f"gaussian_conditional.{b}" for b in _TABLE_BUFFERS]
+        no_tables = any(k not in codec_weights or codec_weights[k].numel() == 0 for k in tables)
+        if no_tables:
+            # Tables absent (or never built): load the rest, then rebuild them with update().
+            for key in tables:
+                codec_weights.pop(key, None)
+        _load_part("codec", codec, codec_weights, source, allowed_missing=tables if no_tables else (),
+                   plain=no_tables)
+        if _tables_missing(codec):
+            codec.update(force=True)
+        generator, settings = None, {}
+        if parts["generator"]:
+            builder = getattr(build, "build_generator", None)
+            if builder is None:
+                raise CheckpointError(f"{source} holds one-step generator weights (generator.*) but this onedc "
+                                      "cannot build a generator (no onedc.build.build_generator): upgrade onedc")
+            try:
+                generator = builder(model_config)
+            except (KeyError, TypeError, ValueError) as err:
+                raise CheckpointError(f"{source}: its model config cannot build the generator "
+                                      f"({type(err).__name__}: {err})") from err
+            _load_part("generator", generator, parts["generator"], source)
+            gen_cfg = model_config.get("generator") or {}
+            settings = {k: gen_cfg.get(k) for k in GENERATOR_DECODE_SETTINGS if k in gen_cfg}
+        return cls(vae, codec, generator, generator_settings=settings).to(device)
+
+    @classmethod
+    def from_config(cls, model_config: Mapping[str, Any], device: str | torch.device = "cpu",
+                    seed: int = 0) -> "OneDCCodec":
+        """A bundle with random codec weights (VAE from its config seed), tables built: tests, benchmarks."""
+        from onedc import build
+
+        model_config = copy.deepcopy(dict(model_config))
+        vae = build.build_vae(model_config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            codec = build.build_codec(model_config, vae.latent_channels)
+        codec.update(force=True)
+        return cls(vae, codec).to(_check_device(device))
+
+    # ---------------------------------------------------------------- identity
+    @property
+    def model_id(self) -> bytes:
+        """The 16-byte identity written into every file (see :func:`model_identity`); cached."""
+        if self._model_id is None:
+            settings = {
+                "fsq_levels": list(self.codec.fsq.levels),
+                "vae_scaling_factor": float(getattr(self.vae, "scaling_factor", 1.0)),
+                "stride": int(self.codec.downsample),
+                "generator": self.generator_settings if self.generator is not None else None,
+            }
+            self._model_id = model_identity(self.state_dict(), settings)
+        return self._model_id
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the bundle's weights."""
+        return self.codec.to_latent.weight.device
+
+    # ---------------------------------------------------------------- coding
+    def _prepare(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """(3,H,W) image in [-1,1] -> (1,3,H',W') padded to the codec's multiple, and (H, W)."""
+        if x.ndim != 3 or x.shape[0] != 3:
+            raise ValueError(f"expected one RGB image of shape (3, H, W), got {tuple(x.shape)}")
+        height, width = int(x.shape[1]), int(x.shape[2])
+        stride = self.codec.downsample
+        padded_pixels = -(-height // stride) * stride * -(-width // stride) * stride
+        if not (1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE) or padded_pixels > MAX_PADDED_PIXELS:
+            raise OneDCError(f"image of {height}x{width} pixels is too large for a .onedc file "
+                             f"(at most {MAX_SIDE} per side and {MAX_PADDED_PIXELS} padded pixels): split it into tiles")
+        return pad_to_multiple(x[None].to(self.device, torch.float32), stride)
+
+    @torch.no_grad()
+    def quantised_forward(self, x: Tensor) -> HyperpriorOutput:
+        """Codec forward pass (eval) on the padded image: ŷ, ẑ and likelihoods, as ``compress`` sees them."""
+        padded, _ = self._prepare(x)
+        return self.codec(padded, self.vae.encode(padded))
+
+    @torch.no_grad()
+    def compress_image(self, x: Tensor) -> bytes:
+        """Compress one image (3, H, W) in [-1, 1] of any size into the bytes of a ``.onedc`` file.
+
+        The image is replicate-padded to the codec's multiple (64) on the bottom/right, encoded
+        by the VAE, coded by the hyperprior codec (z fixed-length, y rANS) and wrapped in the
+        container with its original size and this model's id.
+        """
+        padded, size = self._prepare(x)
+        return self._compress_prepared(padded, self.vae.encode(padded), size)
+
+    def _compress_prepared(self, padded: Tensor, v: Tensor, size: tuple[int, int]) -> bytes:
+        """Padded image + its VAE latent -> file bytes (shared by compress_image and rate_table)."""
+        height, width = size
+        coded = self.codec.compress(padded, v)
+        (y_stream,), (z_stream,) = coded["strings"]
+        z_height, z_width = coded["shape"]
+        return encode_container(Container(
+            model_id=self.model_id, height=height, width=width, stride=self.codec.downsample,
+            z_height=int(z_height), z_width=int(z_width), z_bits=self.codec.fsq.bits_per_index,
+            z_stream=z_stream, y_stream=y_stream,
+        ))
+
+    @torch.no_grad()
+    def decompress_bytes(self, data: bytes) -> DecodedImage:
+        """Decode the bytes of a ``.onedc`` file written by this model into an image.
+
+        The container is verified first (magic, version, CRCs, model id); then ẑ and ŷ are
+        entropy-decoded, turned into a VAE latent by :meth:`_latent_from` and decoded by the VAE.
+        Every failure raises a :class:`~onedc.errors.BitstreamError` subclass, including errors
+        inside the entropy decoder on a file whose checksum was forged.
+        """
+        header = decode_container(data, expected_model_id=self.model_id)
+        decoded = self._entropy_decode(header)
+        latent = self._latent_from(decoded)
+        image = self.vae.decode(latent).clamp(-1.0, 1.0)
+        return DecodedImage(image=image[0, :, : header.height, : header.width], y_hat=decoded.y_hat,
+                            z_hat=decoded.z_hat, latent=latent, header=header)
+
+    def _entropy_decode(self, header: Container) -> DecodedLatents:
+        """Container streams -> decoder-side latents, with every coder failure as BitstreamError."""
+        codec = self.codec
+        if header.stride != codec.downsample or header.z_bits != codec.fsq.bits_per_index:
+            raise BitstreamError(f"file codes z at stride {header.stride} with {header.z_bits}-bit indices, the model "
+                                 f"at stride {codec.downsample} with {codec.fsq.bits_per_index}: the header is inconsistent")
+        y_len = len(header.y_stream)
+        if y_len < 8 or y_len % 4:
+            # CompressAI's rANS64 writes whole 32-bit words and an 8-byte final state.
+            raise BitstreamError(f"y stream of {y_len} bytes is not a rANS stream (8+ bytes, whole 32-bit words)")
+        # CompressAI's C++ rANS decoder reads without bounds checks, so a stream whose CRC was
+        # forged could make it read past the buffer and crash the process. Zero words after the
+        # stream bound that: each decoded symbol reads at most two 32-bit words (symbol +
+        # escape), and zeros end every escape sequence. A valid stream never reads them.
+        y_stride = 2 * int(codec.config["patch_size"])  # y lives at 1/16: patch-embed /8, then /2
+        padded_h, padded_w = header.padded_size
+        symbols = int(codec.config["y_channels"]) * (padded_h // y_stride) * (padded_w // y_stride)
+        y_stream = header.y_stream + bytes(8 * symbols + 64)
+        try:
+            return codec.decompress([[y_stream], [header.z_stream]], (header.z_height, header.z_width))
+        except Exception as err:  # the coder raises ValueError/RuntimeError/IndexError/...: all mean "bad stream"
+            raise BitstreamError(
+                f"the entropy decoder rejected the payload ({type(err).__name__}: {err}) although its CRC32 "
+                "matched: the file was altered and its checksum recomputed, or written by an incompatible encoder"
+            ) from err
+
+    def _latent_from(self, decoded: DecodedLatents) -> Tensor:
+        """THE generator slot: decoder-side latents -> the clean VAE latent that the VAE decodes.
+
+        With a one-step generator (stages 2-3) it predicts the latent from g_s's features,
+        cross-attending to the semantic tokens; without one (stage 1) the codec's light
+        reconstruction ``latent_hat`` is used. Multi-step decoding (``steps=N``) belongs here.
+        """
+        if self.generator is not None:
+            return self.generator(decoded.features, decoded.tokens)
+        return decoded.latent_hat
+
+
+def _check_device(device: str | torch.device) -> torch.device:
+    """Turn a user-given device into a torch.device, refusing ones this machine lacks."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise OneDCError(f"invalid device {device!r}: use cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OneDCError(f"device {device} requested but CUDA is not available here: use --device cpu")
+    return device
+
+
+# --------------------------------------------------------------------------- rate
+def rate_table(codec: OneDCCodec, paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """Real vs. estimated rate of each image in ``paths``: one dict per image.
+
+    Real bits come from the ``.onedc`` bytes (whole file, and payload = file minus the
+    60-byte header); the estimate is ``HyperpriorCodec.rate_bits`` of the eval forward pass on
+    the same padded image (-Σlog2 p(ŷ) + the fixed z bits). bpp values divide by the original
+    (unpadded) pixel count; ``rel_diff`` = (payload bits - estimate) / estimate.
+    """
+    from onedc.datamodules.image_folder import load_image
+
+    rows = []
+    for path in paths:
+        path = Path(path)
+        padded, size = codec._prepare(load_image(path))
+        with torch.no_grad():
+            v = codec.vae.encode(padded)  # one VAE pass for both: the estimate sees what is coded
+            data = codec._compress_prepared(padded, v, size)
+            out = codec.codec(padded, v)
+        header = decode_container(data)
+        est_z = float(out.z_bits[0])
+        est_total = float(HyperpriorCodec.rate_bits(out)[0])
+        pixels = header.height * header.width
+        payload_bits = header.payload_size * 8
+        rows.append({
+            "image": path.stem,
+            "height": header.height,
+            "width": header.width,
+            "file_bytes": len(data),
+            "header_bytes": HEADER_SIZE,
+            "z_bytes": len(header.z_stream),
+            "y_bytes": len(header.y_stream),
+            "real_bits": len(data) * 8,
+            "payload_bits": payload_bits,
+            "est_bits": est_total,
+            "est_y_bits": est_total - est_z,
+            "est_z_bits": est_z,
+            "bpp_file": len(data) * 8 / pixels,
+            "bpp_payload": payload_bits / pixels,
+            "bpp_est": est_total / pixels,
+            "rel_diff": (payload_bits - est_total) / est_total,
+        })
+    return rows
+
+
+def format_rate_table(rows: list[dict[str, Any]]) -> str:
+    """A fixed-width text table of :func:`rate_table` rows (one line per image)."""
+    lines = [f"{'image':<18} {'size':>9} {'file B':>7} {'payload bpp':>11} {'est bpp':>9} {'file bpp':>9} {'diff':>7}"]
+    for r in rows:
+        lines.append(f"{r['image']:<18} {r['height']:>4}x{r['width']:<4} {r['file_bytes']:>7} "
+                     f"{r['bpp_payload']:>11.5f} {r['bpp_est']:>9.5f} {r['bpp_file']:>9.5f} {r['rel_diff']:>+7.2%}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- files
+def atomic_write(path: str | Path, write: Callable[[Any], None]) -> Path:
+    """Create ``path`` through a temp file in the same folder + ``os.replace``: never a partial file.
+
+    ``write`` receives the open binary temp file. On any failure (including Ctrl-C) the temp file
+    is removed and ``path`` is left as it was; ``OSError`` is raised as a one-line ``OneDCError``.
+    """
+    path = Path(path)
+    # Same folder (os.replace is atomic only within a file system); a unique hidden name; mode
+    # 0o666 so the umask applies as for any new file (mkstemp's 0o600 would leak into outputs).
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as err:
+        raise OneDCError(f"cannot write {path}: {err.strerror or err}") from err
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(err, OSError):
+            raise OneDCError(f"cannot write {path}: {err.strerror or err}") from err
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda handle: handle.write(data))
+
+
+def save_image(image: Tensor, path: str | Path) -> Path:
+    """Save a (3, H, W) image in [-1, 1] as an 8-bit RGB PNG at ``path``, atomically."""
+    from PIL import Image
+
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected an image of shape (3, H, W), got {tuple(image.shape)}")
+    pixels = ((torch.nan_to_num(image.detach().float().cpu()) + 1.0) * 127.5).round().clamp(0, 255)
+    array = pixels.to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    return atomic_write(path, lambda handle: Image.fromarray(array).save(handle, format="PNG"))
