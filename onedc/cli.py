@@ -164,12 +164,40 @@ def _register_info(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_cmd_info)
 
 
+# --------------------------------------------------------------------------- export
+def _cmd_export(args: argparse.Namespace) -> int:
+    from onedc.export import export_inference_weights
+
+    out = export_inference_weights(args.ckpt, args.output)
+    src_size, out_size = _path_size(Path(args.ckpt)), os.path.getsize(out)
+    _say(f"{args.ckpt} -> {out}: {out_size / 1e6:.2f} MB (checkpoint {src_size / 1e6:.2f} MB)")
+    return 0
+
+
+def _path_size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size if path.exists() else 0
+
+
+def _register_export(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "export", help="stage checkpoint -> inference weights (.safetensors)",
+        description="Write the inference weights (VAE, codec with its coding tables, generator) of a stage "
+                    "checkpoint to one .safetensors file: no teacher, discriminator or optimiser state. "
+                    "compress/decompress/eval accept it as --ckpt.")
+    parser.add_argument("ckpt", help="stage checkpoint (.ckpt or DeepSpeed folder)")
+    parser.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    parser.set_defaults(func=_cmd_export)
+
+
 # --------------------------------------------------------------------------- entry point
 # name -> registrar(subparsers). Other modules add theirs (export, eval) here.
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "compress": _register_compress,
     "decompress": _register_decompress,
     "info": _register_info,
+    "export": _register_export,
 }
 
 

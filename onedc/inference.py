@@ -133,7 +133,16 @@ def _read_stage_checkpoint(path: Path) -> LoadedWeights:
 
 # Suffix -> reader. Anything else (a DeepSpeed folder, .pt) is tried as a stage checkpoint.
 # Export formats (e.g. ".safetensors") register their reader here.
-CHECKPOINT_READERS: dict[str, Callable[[Path], LoadedWeights]] = {".ckpt": _read_stage_checkpoint}
+def _read_exported(path: Path) -> LoadedWeights:
+    from onedc.export import read_exported
+
+    return read_exported(path)
+
+
+CHECKPOINT_READERS: dict[str, Callable[[Path], LoadedWeights]] = {
+    ".ckpt": _read_stage_checkpoint,
+    ".safetensors": _read_exported,
+}
 
 
 def _split_parts(state_dict: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
