@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print_cfg = "--cfg" in argv
     argv = [a for a in argv if a != "--cfg"]
-    handler = logging.StreamHandler()
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    # One voice: DDP re-runs this script per rank; only rank 0 reports.
+    handler: logging.Handler = logging.StreamHandler() if rank_zero_only.rank == 0 else logging.NullHandler()
     handler.setFormatter(logging.Formatter("[onedc] %(message)s"))
     logging.getLogger("onedc").addHandler(handler)
     logging.getLogger("onedc").setLevel(logging.INFO)

@@ -48,6 +48,9 @@ class DistillStage(StageModule):
         super().__init__(identity)
         self.vae = vae
         self.codec = codec
+        # The cross-attention tokens feed only the generator (stage 2+): their norm gets no
+        # gradient here, and DDP refuses parameters without one.
+        self.codec.token_norm.requires_grad_(False)
         self.distill = distill
         self.__dict__["teacher"] = teacher  # not a submodule: see the module docstring
         self.optimizer_spec = optimizer
