@@ -1,0 +1,21 @@
+"""After distill training, the file's rate matches the likelihood estimate within 2% per image."""
+import pytest
+
+from onedc.config import compose
+from onedc.datamodules import sample_photo_paths
+from onedc.inference import OneDCCodec, format_rate_table, rate_table
+from onedc.pipeline import run
+
+
+@pytest.mark.slow
+def test_file_rate_matches_estimate_within_two_percent(tmp_path):
+    result = run(compose([f"run_dir={tmp_path}", "trainer.logger=none", "trainer.enable_progress_bar=false",
+                          "trainer.max_steps=120", "stage.val_every_n_steps=120",
+                          "stage.checkpoint_every_n_steps=120"]))[0]
+    codec = OneDCCodec.from_checkpoint(result.final_ckpt)
+    rows = rate_table(codec, list(sample_photo_paths().values()))
+    print("\n" + format_rate_table(rows))
+    assert len(rows) == 7
+    for row in rows:
+        assert row["payload_bits"] == (row["file_bytes"] - row["header_bytes"]) * 8
+        assert abs(row["rel_diff"]) < 0.02, row
