@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -297,6 +298,8 @@ def run_stage(cfg: DictConfig, stage_cfg: DictConfig, init_from: str | Path | No
     if resume is not None:
         check_identity(read_checkpoint(resume), cfg, resume, compare_tokenizer=(name == "distill"))
 
+    # Frozen parts (VAE, codec in stages 2-3, the teacher) are in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     if cfg.trainer.get("num_threads"):
         torch.set_num_threads(int(cfg.trainer.num_threads))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
