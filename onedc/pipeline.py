@@ -118,9 +118,16 @@ def check_identity(checkpoint: dict[str, Any], cfg: DictConfig, path: Path, comp
         raise CheckpointError(f"{path} is not an onedc stage checkpoint (no 'onedc' metadata)")
     want = OmegaConf.to_container(cfg.model, resolve=True)
     have = meta["model"]
-    for part in ("vae", "codec"):
-        if have.get(part) != want.get(part):
-            diff = sorted(k for k in set(have[part]) | set(want[part]) if have[part].get(k) != want[part].get(k))
+    # The generator's config matters only once a stage has trained it (stage 1 leaves it unbuilt).
+    parts = ("vae", "codec", "generator") if meta.get("stage") in ("latent", "finetune") else ("vae", "codec")
+    for part in parts:
+        if part not in have or part not in want:
+            continue
+        # Where the generator's initial weights came from no longer matters once it is trained.
+        ignore = {"pretrained", "seed", "gradient_checkpointing"} if part == "generator" else set()
+        diff = sorted(k for k in set(have[part]) | set(want[part])
+                      if k not in ignore and have[part].get(k) != want[part].get(k))
+        if diff:
             raise CheckpointError(
                 f"{path} was trained with a different model.{part} (differs in: {', '.join(diff)}). "
                 f"Use the same model config it was trained with (its stage config.yaml) or start the stage fresh"
