@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     from onedc.errors import OneDCError
 
     if "-h" in argv or "--help" in argv:
-        groups = "\n".join(f"  {g:<10} {', '.join(group_options(g)) or '-'}" for g in GROUPS)
+        groups = "\n".join(f"  {g:<14} {', '.join(group_options(g)) or '-'}" for g in GROUPS)
         print(HELP.format(groups=groups))
         return 0
     print_cfg = "--cfg" in argv

@@ -136,15 +136,21 @@ def _build_distill(cfg: DictConfig, stage_cfg: DictConfig):
     )
 
 
-def _build_latent(cfg: DictConfig, stage_cfg: DictConfig):
-    from onedc.stages.latent import LatentStage
-
+def _vae_codec_generator(cfg: DictConfig):
+    """The VAE, codec and one-step generator of ``cfg.model`` (stages 2 and 3), checked to fit together."""
     vae = build_vae(cfg.model)
     codec = build_codec(cfg.model, vae.latent_channels)
     generator = build_generator(cfg.model)
     if generator.latent_channels != vae.latent_channels:
         raise ConfigError(f"the UNet outputs {generator.latent_channels} channels but the VAE latent has "
                           f"{vae.latent_channels}: set model.generator.unet.out_channels={vae.latent_channels}")
+    return vae, codec, generator
+
+
+def _build_latent(cfg: DictConfig, stage_cfg: DictConfig):
+    from onedc.stages.latent import LatentStage
+
+    vae, codec, generator = _vae_codec_generator(cfg)
     ema = stage_cfg.get("ema_decay")
     images = stage_cfg.get("image_every_n_steps")
     return LatentStage(
@@ -155,9 +161,63 @@ def _build_latent(cfg: DictConfig, stage_cfg: DictConfig):
     )
 
 
+def build_discriminator(disc_cfg: DictConfig | dict, latent_channels: int):
+    """The GAN critic of ``discriminator=``: ``diffusion`` (noised latents) or ``patchgan`` (pixels)."""
+    from onedc.modules.discriminators import build_diffusion_discriminator, build_patch_discriminator
+
+    cfg = _plain(disc_cfg)
+    kind = str(cfg["kind"])
+    if kind == "diffusion":
+        t_min, t_max = (int(t) for t in cfg["timesteps"])
+        return build_diffusion_discriminator(latent_channels=latent_channels, unet_class=str(cfg["unet_class"]),
+                                             unet_config=cfg.get("unet"), pretrained=cfg.get("pretrained"),
+                                             scheduler_config=cfg.get("scheduler") or {}, t_min=t_min, t_max=t_max,
+                                             seed=int(cfg.get("seed", 0)))
+    if kind == "patchgan":
+        return build_patch_discriminator(in_channels=3, channels=int(cfg["channels"]), layers=int(cfg["layers"]),
+                                         seed=int(cfg.get("seed", 0)))
+    raise ConfigError(f"unknown discriminator kind '{kind}': diffusion | patchgan")
+
+
+def build_perceptual_loss(lpips_cfg: DictConfig | dict):
+    """LPIPS of ``stage.lpips`` (AlexNet backbone from a local file; WeightsError with the path when missing)."""
+    from onedc.modules.losses import PerceptualLoss
+
+    cfg = _plain(lpips_cfg)
+    return PerceptualLoss(cfg.get("backbone"), random_backbone=bool(cfg.get("random_backbone", False)),
+                          seed=int(cfg.get("seed", 0)))
+
+
+def _build_finetune(cfg: DictConfig, stage_cfg: DictConfig):
+    from onedc.modules.losses import build_gan_loss
+    from onedc.stages.common import OptimizerSpec
+    from onedc.stages.finetune import FinetuneStage
+
+    vae, codec, generator = _vae_codec_generator(cfg)
+    gan_weight, lpips_weight = float(stage_cfg.gan_weight), float(stage_cfg.lpips_weight)
+    discriminator = build_discriminator(cfg.discriminator, vae.latent_channels) if gan_weight > 0 else None
+    perceptual = build_perceptual_loss(stage_cfg.lpips) if lpips_weight > 0 else None
+    disc_optimizer = OptimizerSpec(lr=float(stage_cfg.disc_lr), betas=tuple(stage_cfg.disc_betas),
+                                   weight_decay=float(stage_cfg.disc_weight_decay),
+                                   warmup_steps=int(stage_cfg.disc_warmup_steps))
+    ema = stage_cfg.get("ema_decay")
+    images = stage_cfg.get("image_every_n_steps")
+    return FinetuneStage(
+        vae=vae, codec=codec, generator=generator, discriminator=discriminator, perceptual=perceptual,
+        gan_loss=build_gan_loss(str(stage_cfg.gan_loss)), optimizer=optimizer_spec(stage_cfg),
+        disc_optimizer=disc_optimizer, identity=identity(cfg, stage_cfg), train_codec=bool(stage_cfg.train_codec),
+        lmbda=float(stage_cfg.lmbda), latent_loss=str(stage_cfg.latent_loss), pixel_loss=str(stage_cfg.pixel_loss),
+        pixel_weight=float(stage_cfg.pixel_weight), lpips_weight=lpips_weight,
+        latent_weight=float(stage_cfg.latent_weight), gan_weight=gan_weight,
+        gan_start_step=int(stage_cfg.gan_start_step), adaptive_gan_weight=bool(stage_cfg.adaptive_gan_weight),
+        ema_decay=None if ema is None else float(ema), image_every_n_steps=None if images is None else int(images),
+    )
+
+
 STAGE_BUILDERS: dict[str, Callable[[DictConfig, DictConfig], Any]] = {
     "distill": _build_distill,
     "latent": _build_latent,
+    "finetune": _build_finetune,
 }
 
 

@@ -98,6 +98,17 @@ def _register_compress(sub: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------- decompress
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got '{text}'")
+    return value
+
+
 def _onedc_files(inputs: Sequence[str]) -> list[Path]:
     files: list[Path] = []
     for item in map(Path, inputs):
@@ -117,9 +128,12 @@ def _cmd_decompress(args: argparse.Namespace) -> int:
     sources = _onedc_files(args.inputs)
     targets = _targets(sources, Path(args.output), ".png")
     codec = OneDCCodec.from_checkpoint(args.ckpt, device=args.device)
+    if args.steps > 1 and codec.generator is None:
+        raise OneDCError(f"--steps {args.steps} (multi-step decoding) needs a checkpoint with a one-step generator "
+                         f"(latent or finetune stage); {args.ckpt} has none: drop --steps")
     for src, dst in _progress(list(zip(sources, targets)), "decompress"):
         try:
-            decoded = codec.decompress_bytes(_read_bytes(src))
+            decoded = codec.decompress_bytes(_read_bytes(src), steps=args.steps)
         except OneDCError as err:
             raise _about(src, err) from err
         save_image(decoded.image, dst)
@@ -135,6 +149,9 @@ def _register_decompress(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the PNG images")
     parser.add_argument("--ckpt", required=True, help="the checkpoint the files were written with")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--steps", type=_positive_int, default=1, metavar="N",
+                        help="generator steps: 1 = the one-step decoder (default); N > 1 = the multi-step DDIM "
+                             "baseline (N UNet calls; needs a latent/finetune checkpoint)")
     parser.set_defaults(func=_cmd_decompress)
 
 
@@ -191,12 +208,52 @@ def _register_export(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_cmd_export)
 
 
+# --------------------------------------------------------------------------- eval
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from onedc.evaluation import evaluate
+
+    if args.data is None:  # `--ckpt A B DATA_DIR`: the greedy --ckpt list took DATA_DIR as its last item
+        if len(args.ckpt) < 2:
+            raise OneDCError("give the image folder: onedc eval --ckpt CKPT [CKPT ...] DATA_DIR -o OUT_DIR")
+        args.data = args.ckpt.pop()
+    result = evaluate(args.ckpt, args.data, args.output, weights_dir=args.weights_dir, baselines=args.baselines,
+                      max_images=args.max_images, steps=args.steps, device=args.device)
+    for entry in result.aggregate:
+        values = ", ".join(f"{key} {entry[key]:.4f}" for key in ("bpp", "psnr", "ms_ssim", "lpips", "dists", "fid")
+                           if entry.get(key) is not None)
+        _say(f"{entry['codec']:<6} {entry['setting']:<24} {values}")
+    _say(f"wrote {', '.join(str(p) for p in result.paths.values())}")
+    return 0
+
+
+def _register_eval(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "eval", help="rate-distortion evaluation against JPEG/WebP (CSV, JSON, RD plot)",
+        description="Compress every image of DATA_DIR to real .onedc files with each checkpoint (a lambda ladder), "
+                    "decompress, and report bpp (from the file sizes), PSNR, MS-SSIM, and LPIPS/DISTS/FID/KID "
+                    "when their backbone weights are local; JPEG and WebP at matched bpp and on a quality ladder. "
+                    "Writes OUT_DIR/per_image.csv, per_image.json, aggregate.json, rd.png and files/.")
+    parser.add_argument("--ckpt", required=True, nargs="+", metavar="CKPT", help="one or more checkpoints")
+    parser.add_argument("data", metavar="DATA_DIR", nargs="?",
+                        help="folder of images (searched recursively) or an image; may follow the checkpoints")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the results")
+    parser.add_argument("--weights-dir", default=None, metavar="DIR",
+                        help="folder of perceptual backbone weights (default: $ONEDC_WEIGHTS, else torch hub's cache)")
+    parser.add_argument("--no-baselines", dest="baselines", action="store_false", help="skip JPEG and WebP")
+    parser.add_argument("--max-images", type=_positive_int, default=None, metavar="N", help="first N images only")
+    parser.add_argument("--steps", type=_positive_int, default=1, metavar="N",
+                        help="generator decoding steps (N > 1: multi-step baseline; needs a generator)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.set_defaults(func=_cmd_eval)
+
+
 # --------------------------------------------------------------------------- entry point
 # name -> registrar(subparsers). Other modules add theirs (export, eval) here.
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "compress": _register_compress,
     "decompress": _register_decompress,
     "info": _register_info,
+    "eval": _register_eval,
     "export": _register_export,
 }
 

@@ -193,6 +193,12 @@ def _weights_only_config(model_config: dict[str, Any], part: str, arch_key: str)
     return model_config
 
 
+def generator_settings(model_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The generator's non-tensor decode settings (:data:`GENERATOR_DECODE_SETTINGS`) from a model config."""
+    gen_cfg = model_config.get("generator") or {}
+    return {k: gen_cfg.get(k) for k in GENERATOR_DECODE_SETTINGS if k in gen_cfg}
+
+
 def _tables_missing(codec: HyperpriorCodec) -> bool:
     return codec.gaussian_conditional._offset.numel() == 0
 
@@ -278,9 +284,33 @@ class OneDCCodec(nn.Module):
                 raise CheckpointError(f"{source}: its model config cannot build the generator "
                                       f"({type(err).__name__}: {err})") from err
             _load_part("generator", generator, parts["generator"], source)
-            gen_cfg = model_config.get("generator") or {}
-            settings = {k: gen_cfg.get(k) for k in GENERATOR_DECODE_SETTINGS if k in gen_cfg}
+            settings = generator_settings(model_config)
         return cls(vae, codec, generator, generator_settings=settings).to(device)
+
+    @classmethod
+    def from_modules(cls, vae: nn.Module, codec: HyperpriorCodec, generator: nn.Module | None = None,
+                     model_config: Mapping[str, Any] | None = None, copy_trainable: bool = True) -> "OneDCCodec":
+        """A bundle over modules that live elsewhere (a training run), leaving them undisturbed.
+
+        The bundle puts its parts in eval mode without gradients and rebuilds the codec's rANS
+        tables, so with ``copy_trainable`` (the default) every part that is in training mode or
+        has a parameter with ``requires_grad`` is deep-copied first (a snapshot of the current
+        weights); frozen eval-mode parts (the VAE, a frozen codec) are shared, not copied, since
+        the bundle changes nothing in them (their tables are rebuilt from the same weights).
+        ``model_config`` (the dict a checkpoint stores) supplies the generator's decode settings,
+        so the model id equals the one of a checkpoint holding these weights.
+        """
+        def snapshot(module: nn.Module | None) -> nn.Module | None:
+            if module is None or not copy_trainable:
+                return module
+            live = module.training or any(p.requires_grad for p in module.parameters())
+            return copy.deepcopy(module) if live else module
+
+        codec = snapshot(codec)
+        codec.update(force=True)  # tables of the current weights (a live codec's may be stale)
+        generator = snapshot(generator)
+        settings = generator_settings(model_config or {}) if generator is not None else {}
+        return cls(snapshot(vae), codec, generator, generator_settings=settings)
 
     @classmethod
     def from_config(cls, model_config: Mapping[str, Any], device: str | torch.device = "cpu",
@@ -358,17 +388,19 @@ class OneDCCodec(nn.Module):
         ))
 
     @torch.no_grad()
-    def decompress_bytes(self, data: bytes) -> DecodedImage:
+    def decompress_bytes(self, data: bytes, steps: int = 1) -> DecodedImage:
         """Decode the bytes of a ``.onedc`` file written by this model into an image.
 
         The container is verified first (magic, version, CRCs, model id); then ẑ and ŷ are
         entropy-decoded, turned into a VAE latent by :meth:`_latent_from` and decoded by the VAE.
         Every failure raises a :class:`~onedc.errors.BitstreamError` subclass, including errors
-        inside the entropy decoder on a file whose checksum was forged.
+        inside the entropy decoder on a file whose checksum was forged. ``steps > 1`` decodes
+        with the multi-step baseline of the generator (see :meth:`_latent_from`).
         """
+        self._check_steps(steps)
         header = decode_container(data, expected_model_id=self.model_id)
         decoded = self._entropy_decode(header)
-        latent = self._latent_from(decoded)
+        latent = self._latent_from(decoded, steps=steps)
         image = self.vae.decode(latent).clamp(-1.0, 1.0)
         return DecodedImage(image=image[0, :, : header.height, : header.width], y_hat=decoded.y_hat,
                             z_hat=decoded.z_hat, latent=latent, header=header)
@@ -399,14 +431,27 @@ class OneDCCodec(nn.Module):
                 "matched: the file was altered and its checksum recomputed, or written by an incompatible encoder"
             ) from err
 
-    def _latent_from(self, decoded: DecodedLatents) -> Tensor:
+    def _check_steps(self, steps: int) -> None:
+        """Refuse a decoding step count this bundle cannot run (before any work is done)."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise OneDCError(f"steps must be a whole number >= 1, got {steps!r}")
+        if steps > 1 and self.generator is None:
+            raise OneDCError(f"multi-step decoding (steps={steps}) needs a one-step generator, and this model has "
+                             "none (a distill-stage checkpoint): use steps=1, or a latent/finetune checkpoint")
+
+    def _latent_from(self, decoded: DecodedLatents, steps: int = 1) -> Tensor:
         """THE generator slot: decoder-side latents -> the clean VAE latent that the VAE decodes.
 
         With a one-step generator (stages 2-3) it predicts the latent from g_s's features,
         cross-attending to the semantic tokens; without one (stage 1) the codec's light
-        reconstruction ``latent_hat`` is used. Multi-step decoding (``steps=N``) belongs here.
+        reconstruction ``latent_hat`` is used. ``steps > 1`` runs the generator's multi-step
+        DDIM baseline (``OneStepGenerator.multi_step``: N UNet calls from T down to 0), a
+        compute/quality comparison point rather than the trained decoder; it needs a generator.
         """
+        self._check_steps(steps)
         if self.generator is not None:
+            if steps > 1:
+                return self.generator.multi_step(decoded.features, decoded.tokens, steps)
             return self.generator(decoded.features, decoded.tokens)
         return decoded.latent_hat
 

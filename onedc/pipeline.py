@@ -222,7 +222,7 @@ def make_trainer(cfg: DictConfig, stage_cfg: DictConfig, stage_dir: Path, strate
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    from onedc.callbacks import AtomicCheckpointIO, RNGStateCallback
+    from onedc.callbacks import AtomicCheckpointIO, RDEvalCallback, RNGStateCallback
 
     tcfg = cfg.trainer
     ckpt_dir = stage_dir / "checkpoints"
@@ -240,6 +240,9 @@ def make_trainer(cfg: DictConfig, stage_cfg: DictConfig, stage_dir: Path, strate
 
         logger = TensorBoardLogger(save_dir=str(stage_dir), name="tb", version="", default_hp_metric=False)
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+        # Real files on a few validation images at every validation. A Trainer callback (not a
+        # stage one) so that it runs before the EMA callback swaps the raw weights back.
+        callbacks.append(RDEvalCallback(max_images=int(stage_cfg.get("rd_eval_images", 4))))
     callbacks += list(extra_callbacks or [])
     max_steps = int(tcfg.max_steps) if tcfg.get("max_steps") is not None else int(stage_cfg.max_steps)
     return pl.Trainer(
@@ -309,6 +312,8 @@ def run_stage(cfg: DictConfig, stage_cfg: DictConfig, init_from: str | Path | No
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     if cfg.trainer.get("num_threads"):
         torch.set_num_threads(int(cfg.trainer.num_threads))
+        # Lightning's DDP/DeepSpeed set torch's thread count from the core count unless this is set.
+        os.environ.setdefault("OMP_NUM_THREADS", str(int(cfg.trainer.num_threads)))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     module = build_stage(cfg, stage_cfg)
     if resume is None and init_from is not None:
@@ -331,10 +336,20 @@ def run_stage(cfg: DictConfig, stage_cfg: DictConfig, init_from: str | Path | No
     return StageResult(name, sdir, final, int(trainer.global_step))
 
 
+def preflight(cfg: DictConfig, stages: list[DictConfig]) -> None:
+    """Fail before any training if a later stage's weights are missing (not hours into the chain)."""
+    from onedc.build import build_perceptual_loss
+
+    for stage_cfg in stages:
+        if str(stage_cfg.name) == "finetune" and float(stage_cfg.lpips_weight) > 0:
+            build_perceptual_loss(stage_cfg.lpips)  # WeightsError naming the file and where it goes
+
+
 def run(cfg: DictConfig) -> list[StageResult]:
     """Run ``cfg.stage``: one stage, or the whole chain when ``stage=all``."""
     if str(cfg.stage.name) != "all":
         return [run_stage(cfg, cfg.stage, init_from=cfg.init_from)]
+    preflight(cfg, [cfg.stage[name] for name in cfg.stage.chain])
     results: list[StageResult] = []
     init_from = cfg.init_from
     for name in cfg.stage.chain:

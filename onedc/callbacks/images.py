@@ -23,6 +23,29 @@ def image_grid(original: Tensor, decoded: Tensor) -> Tensor:
     return make_grid(((pairs.float() + 1) / 2).clamp(0, 1), nrow=2, padding=2)
 
 
+def first_validation_images(trainer: pl.Trainer, count: int) -> Tensor | None:
+    """The first ``count`` images (B, 3, H, W) on the CPU of the run's validation loader, None without one.
+
+    The same images every call (the validation loader is not shuffled), drawn without touching the
+    training run's random state.
+    """
+    datamodule = getattr(trainer, "datamodule", None)
+    loaders: Any = datamodule.val_dataloader() if datamodule is not None else trainer.val_dataloaders
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    if loaders is None:
+        return None
+    images: list[Tensor] = []
+    # Iterating a DataLoader draws its base seed from the global RNG: fork it, so logging
+    # images does not change the training run's random crops.
+    with torch.random.fork_rng(devices=[]):
+        for batch in loaders:
+            images.append((batch[0] if isinstance(batch, (list, tuple)) else batch).cpu())
+            if sum(len(b) for b in images) >= count:
+                break
+    return torch.cat(images)[:count] if images else None
+
+
 class ImageGridCallback(Callback):
     """Every ``every_n_steps`` optimiser steps, log ``images/reconstruction`` to TensorBoard.
 
@@ -50,17 +73,7 @@ class ImageGridCallback(Callback):
 
     def _fixed_batch(self, trainer: pl.Trainer) -> Tensor | None:
         if self._batch is None:
-            datamodule = getattr(trainer, "datamodule", None)
-            loaders: Any = datamodule.val_dataloader() if datamodule is not None else trainer.val_dataloaders
-            if isinstance(loaders, (list, tuple)):
-                loaders = loaders[0] if loaders else None
-            if loaders is None:
-                return None
-            # Iterating a DataLoader draws its base seed from the global RNG: fork it, so logging
-            # images does not change the training run's random crops.
-            with torch.random.fork_rng(devices=[]):
-                batch = next(iter(loaders))
-            self._batch = (batch[0] if isinstance(batch, (list, tuple)) else batch)[: self.num_images].cpu()
+            self._batch = first_validation_images(trainer, self.num_images)
         return self._batch
 
     @torch.no_grad()

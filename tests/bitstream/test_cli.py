@@ -46,7 +46,7 @@ def test_help_is_fast_and_imports_no_heavy_library():
 
 
 def test_subcommands_are_registered_by_name():
-    assert list(SUBCOMMANDS) == ["compress", "decompress", "info"]
+    assert list(SUBCOMMANDS)[:3] == ["compress", "decompress", "info"]  # others (eval, export) plug in after
 
 
 def test_compress_decompress_info_round_trip(images, tmp_path, tiny_ckpt, capsys):

@@ -66,14 +66,6 @@ def _run_with_probe(monkeypatch, cfg) -> tuple[Probe, list]:
 
 
 @pytest.fixture(scope="module")
-def distill_ckpt(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("distill")
-    cfg = compose(SMALL + ["stage=distill", f"run_dir={run_dir}", "trainer.logger=none", "trainer.max_steps=2",
-                           "stage.val_every_n_steps=2", "stage.checkpoint_every_n_steps=2"])
-    return pipeline.run(cfg)[0].final_ckpt
-
-
-@pytest.fixture(scope="module")
 def latent_run(distill_ckpt, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("latent")
     with pytest.MonkeyPatch.context() as monkeypatch:
