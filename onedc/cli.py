@@ -69,7 +69,8 @@ def _read_bytes(path: Path) -> bytes:
 # --------------------------------------------------------------------------- compress
 def _cmd_compress(args: argparse.Namespace) -> int:
     from onedc.datamodules.image_folder import list_images, load_image
-    from onedc.inference import OneDCCodec, atomic_write_bytes
+    from onedc.inference import OneDCCodec
+    from onedc.io import atomic_write_bytes
 
     sources: list[Path] = []
     for item in map(Path, args.inputs):

@@ -452,7 +452,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _write_text(path: Path, text: str) -> Path:
-    from onedc.inference import atomic_write_bytes
+    from onedc.io import atomic_write_bytes
 
     return atomic_write_bytes(path, text.encode())
 
@@ -587,7 +587,8 @@ def evaluate(
     the one-line notes (missing perceptual weights), default: stderr.
     """
     from onedc.datamodules.image_folder import load_image
-    from onedc.inference import OneDCCodec, atomic_write_bytes
+    from onedc.inference import OneDCCodec
+    from onedc.io import atomic_write_bytes
 
     say = say or (lambda message: print(message, file=sys.stderr))
     if not ckpts:

@@ -8,10 +8,10 @@ file to ship. :class:`onedc.inference.OneDCCodec` loads it like a checkpoint (by
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from onedc.errors import CheckpointError
+from onedc.io import atomic_write_bytes
 
 EXPORT_FORMAT = "1"
 KEEP_PREFIXES = ("vae.", "codec.", "generator.")
@@ -23,7 +23,7 @@ def export_inference_weights(checkpoint: str | Path, output: str | Path) -> Path
     The codec's coding tables are refreshed (``update()``) before writing, so the exported file
     can compress at once. Returns the output path.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from onedc.inference import CHECKPOINT_READERS, OneDCCodec, _read_stage_checkpoint
 
@@ -37,14 +37,7 @@ def export_inference_weights(checkpoint: str | Path, output: str | Path) -> Path
                if k.startswith(KEEP_PREFIXES)}
     metadata = {"onedc_export_format": EXPORT_FORMAT, "model": json.dumps(loaded.model_config),
                 "source": str(Path(checkpoint).name)}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, output)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write_bytes(output, save(tensors, metadata=metadata))
     return output
 
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
@@ -44,6 +42,7 @@ from onedc.bitstream import (
     encode_container,
 )
 from onedc.errors import BitstreamError, CheckpointError, OneDCError
+from onedc.io import atomic_write
 from onedc.modules.codec import DecodedLatents, HyperpriorCodec, HyperpriorOutput, pad_to_multiple
 
 # State-dict prefixes (stage checkpoint naming, see onedc.stages.common) of everything the
@@ -522,43 +521,6 @@ def format_rate_table(rows: list[dict[str, Any]]) -> str:
 
 
 # --------------------------------------------------------------------------- files
-def atomic_write(path: str | Path, write: Callable[[Any], None]) -> Path:
-    """Create ``path`` through a temp file in the same folder + ``os.replace``: never a partial file.
-
-    ``write`` receives the open binary temp file. On any failure (including Ctrl-C) the temp file
-    is removed and ``path`` is left as it was; ``OSError`` is raised as a one-line ``OneDCError``.
-    """
-    path = Path(path)
-    # Same folder (os.replace is atomic only within a file system); a unique hidden name; mode
-    # 0o666 so the umask applies as for any new file (mkstemp's 0o600 would leak into outputs).
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    except OSError as err:
-        raise OneDCError(f"cannot write {path}: {err.strerror or err}") from err
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(err, OSError):
-            raise OneDCError(f"cannot write {path}: {err.strerror or err}") from err
-        raise
-    return path
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
-    return atomic_write(path, lambda handle: handle.write(data))
-
-
 def save_image(image: Tensor, path: str | Path) -> Path:
     """Save a (3, H, W) image in [-1, 1] as an 8-bit RGB PNG at ``path``, atomically."""
     from PIL import Image

@@ -30,6 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from onedc.errors import CheckpointError, ConfigError
+from onedc.io import atomic_write_text
 
 log = logging.getLogger("onedc")
 
@@ -52,17 +53,6 @@ def _rank() -> int:
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     return int(getattr(rank_zero_only, "rank", 0))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file + rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- checkpoints

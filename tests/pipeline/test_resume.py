@@ -1,6 +1,5 @@
 """Fault tolerance: kill and resume, skipping finished stages, corrupt checkpoints, run-dir rules."""
 import json
-import os
 import signal
 import subprocess
 import time
