@@ -66,7 +66,7 @@ def teacher_kwargs(tokenizer_cfg: DictConfig) -> dict[str, Any]:
         "seed": int(cfg.get("seed", 0)),
         "input_scale": float(cfg.get("input_scale", 1.0)),
     }
-    for key in ("config", "model_name", "model_kwargs"):
+    for key in ("config", "model_name", "model_kwargs", "tile_size", "quick_train"):
         if cfg.get(key) is not None:
             kwargs[key] = cfg[key]
     return kwargs

@@ -16,6 +16,8 @@ for _key, _value in {
     "MPLCONFIGDIR": os.path.join(_CACHE, "mpl"),
     "TORCH_EXTENSIONS_DIR": os.path.join(_CACHE, "torch_extensions"),
     "TOKENIZERS_PARALLELISM": "false",
+    # Quick-trained tiny teachers are cached here: once per test session, never in ~/.cache.
+    "ONEDC_CACHE": os.path.join(_CACHE, "onedc"),
 }.items():
     os.environ.setdefault(_key, _value)
 

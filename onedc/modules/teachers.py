@@ -14,6 +14,11 @@ image downsampled x2 gives a token grid at 1/32), :class:`TimmFeatureTeacher` (a
 as DINOv2) and :class:`TransformersFeatureTeacher` (transformers vision models such as DINOv2).
 :func:`build_teacher` builds one from the plain-dict contents of a ``configs/tokenizer/*.yaml``.
 
+Tiny VQ presets are random VQModels; a random tokenizer's codes are noise that no student can
+learn, so ``quick_train`` (:class:`QuickTrainRecipe`) trains one briefly on photos bundled with
+scikit-image and caches it on disk (:func:`teacher_cache_dir`), and ``tile_size`` makes its codes
+depend on their own patch only (:class:`VQTeacher`).
+
 A teacher is frozen for good: no parameter requires grad and ``train()`` keeps it in eval mode,
 so targets stay a fixed function of the image for the whole run. ``identity`` names the teacher
 (weights content hash, or architecture + seed for random weights) so a stage can refuse to
@@ -26,7 +31,11 @@ import hashlib
 import inspect
 import json
 import math
+import os
+import secrets
+import shutil
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,13 +46,17 @@ from torch import nn
 from onedc.errors import ConfigError, OneDCError, WeightsError
 
 __all__ = [
+    "QUICK_TRAIN_IMAGES",
     "TEACHER_KINDS",
+    "QuickTrainRecipe",
     "Teacher",
     "TeacherTargets",
     "TimmFeatureTeacher",
     "TransformersFeatureTeacher",
     "VQTeacher",
     "build_teacher",
+    "quick_train_vq",
+    "teacher_cache_dir",
 ]
 
 TEACHER_KINDS: tuple[str, ...] = ("vq", "timm", "transformers")
@@ -162,27 +175,64 @@ class VQTeacher(Teacher):
     ``VectorQuantizer`` picks the nearest code. The returned latent is the codebook row of each
     index, exactly: the quantizer's straight-through output ``z + (z_q - z)`` differs from the
     codebook entry by rounding, and the MSE target must be the codebook geometry itself.
+
+    ``tile_size`` (pixels at the tokenizer input, a multiple of its stride) encodes the image
+    as independent non-overlapping tiles, the way tiled VAE encoding applies a model trained on
+    small images to large ones. Every GroupNorm of a diffusers encoder normalises over the whole
+    input, so without tiling a token's code also depends on what else is in the crop: a 128 px
+    training crop and a 256 px validation crop give the same patch different codes. With
+    tiles, codes are a function of the tile alone. The image is padded (edge replication) to
+    whole tiles and the token grid cropped back to what the untiled encoder would give.
     """
 
-    def __init__(self, model: nn.Module, *, identity: str, input_scale: float = 0.5) -> None:
+    def __init__(self, model: nn.Module, *, identity: str, input_scale: float = 0.5,
+                 tile_size: int | None = None) -> None:
         quantize = model.quantize
         super().__init__(kind="vq", target_dim=quantize.vq_embed_dim, num_codes=quantize.n_e,
                          identity=identity, input_scale=input_scale)
         self.model = model
+        self.stride = _vq_stride(model)
+        if tile_size is not None and (tile_size < self.stride or tile_size % self.stride):
+            raise ConfigError(f"teacher tile_size={tile_size} must be a positive multiple of the "
+                              f"tokenizer's stride {self.stride}")
+        self.tile_size = tile_size
         self._freeze()
 
     def codebook(self) -> torch.Tensor:
         """The (K, C) code embedding matrix (detached; the teacher is frozen)."""
         return self.model.quantize.embedding.weight.detach()
 
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        tile = self.tile_size
+        if tile is None:
+            return self.model.encode(x).latents
+        batch, _, height, width = x.shape
+        x = F.pad(x, (0, -width % tile, 0, -height % tile), mode="replicate")
+        rows, cols = x.shape[-2] // tile, x.shape[-1] // tile
+        tiles = (x.unfold(2, tile, tile).unfold(3, tile, tile)  # (B, 3, rows, cols, tile, tile)
+                 .permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1], tile, tile))
+        latents = torch.cat([self.model.encode(chunk).latents for chunk in tiles.split(1024)])
+        channels, side = latents.shape[1], latents.shape[-1]
+        latents = (latents.reshape(batch, rows, cols, channels, side, side)
+                   .permute(0, 3, 1, 4, 2, 5).reshape(batch, channels, rows * side, cols * side))
+        return latents[:, :, :max(1, height // self.stride), :max(1, width // self.stride)]
+
     def _targets(self, x: torch.Tensor) -> TeacherTargets:
         x = _resize(x, _scaled_size(x.shape[-2], x.shape[-1], self.input_scale))
-        h = self.model.encode(x).latents
+        h = self._encode(x)
         batch, _, height, width = h.shape
         _, _, (_, _, indices) = self.model.quantize(h)
         indices = indices.reshape(batch, height, width).long()
         latents = self.model.quantize.embedding(indices).permute(0, 3, 1, 2).contiguous()
         return TeacherTargets(indices, latents)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", tile_size={self.tile_size}"
+
+
+def _vq_stride(model: nn.Module) -> int:
+    """Pixels per token of a diffusers VQModel: each encoder down block but the last halves."""
+    return 2 ** (len(model.config.block_out_channels) - 1)
 
 
 class _FeatureTeacher(Teacher):
@@ -353,22 +403,250 @@ def _init_codebook_from_data(model: nn.Module, seed: int, iterations: int = 10) 
         latent = model.encode(_pseudo_images(16, size, generator)).latents
         chunks.append(latent.permute(0, 2, 3, 1).reshape(-1, dim).float())
         count += chunks[-1].shape[0]
-    latents = torch.cat(chunks)
-    # Farthest-point seeding: deterministic and covers the extremes of the latent cloud.
-    chosen = [int(torch.argmin(torch.cdist(latents.mean(0, keepdim=True), latents)))]
-    dist = torch.cdist(latents[chosen[0]][None], latents)[0]
+    weight = model.quantize.embedding.weight
+    weight.copy_(_kmeans(torch.cat(chunks), num_codes, iterations).to(weight.dtype))
+
+
+def _kmeans(points: torch.Tensor, num_codes: int, iterations: int) -> torch.Tensor:
+    """(K, C) k-means centres of ``points`` (N, C), farthest-point seeded: no randomness at all.
+
+    The seeding starts at the point nearest the mean and adds the point farthest from all centres
+    so far, so it covers the extremes of the cloud; an emptied cluster keeps its centre.
+    """
+    chosen = [int(torch.argmin(torch.cdist(points.mean(0, keepdim=True), points)))]
+    dist = torch.cdist(points[chosen[0]][None], points)[0]
     while len(chosen) < num_codes:
         chosen.append(int(torch.argmax(dist)))
-        dist = torch.minimum(dist, torch.cdist(latents[chosen[-1]][None], latents)[0])
-    codes = latents[chosen].clone()
+        dist = torch.minimum(dist, torch.cdist(points[chosen[-1]][None], points)[0])
+    codes = points[chosen].clone()
     for _ in range(iterations):
-        assign = torch.argmin(torch.cdist(latents, codes), dim=1)
-        sums = torch.zeros_like(codes).index_add_(0, assign, latents)
+        assign = torch.argmin(torch.cdist(points, codes), dim=1)
+        sums = torch.zeros_like(codes).index_add_(0, assign, points)
         counts = torch.bincount(assign, minlength=num_codes).to(codes.dtype)[:, None]
-        # An emptied cluster keeps its previous centre.
         codes = torch.where(counts > 0, sums / counts.clamp_min(1), codes)
-    weight = model.quantize.embedding.weight
-    weight.copy_(codes.to(weight.dtype))
+    return codes
+
+
+# --------------------------------------------------------------------------------------------
+# Quick training of tiny random VQ tokenizers (cached on disk)
+# --------------------------------------------------------------------------------------------
+
+# Photos that ship inside scikit-image, used to quick-train tiny VQ tokenizers. The default
+# sample-photo validation images (matplotlib's grace_hopper, skimage's motorcycle_right) and
+# motorcycle_right's stereo twin motorcycle_left are left out, so the teacher has never seen
+# the held-out content its targets are measured on.
+QUICK_TRAIN_IMAGES: tuple[str, ...] = (
+    "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "hubble_deep_field.jpg",
+    "retina.jpg", "ihc.png", "camera.png", "coins.png", "moon.png", "brick.png", "grass.png",
+    "gravel.png")
+
+# Bump when the training procedure changes: it is part of the cache key.
+_QUICK_TRAIN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class QuickTrainRecipe:
+    """How :func:`quick_train_vq` trains a random tiny VQ tokenizer (``quick_train`` options).
+
+    A random tokenizer's codes are noise to a student: they follow texture and whole-crop
+    statistics, so nothing learnt on training crops carries over to held-out images. A real
+    tokenizer's codes describe what its patch looks like because it was trained to reconstruct
+    it; this recipe does that briefly. The encoder (+ ``quant_conv``) is trained with a linear
+    per-token decoder to reconstruct each token's patch average-pooled to ``readout`` x
+    ``readout`` colours (MSE, quantizer bypassed), on random crops of ``images`` at the
+    teacher's ``input_scale``; the codebook is then fitted by k-means to the trained latents
+    (training through the quantizer collapses a 16-code book onto a few codes in so few
+    steps). The VQModel's own decoder is left untrained: a teacher only encodes, and that
+    GroupNorm-heavy decoder learns far too slowly to reconstruct colour in seconds.
+    Everything is seeded; training runs on one CPU thread, so the weights depend neither on the
+    caller's device nor on its thread count.
+    """
+
+    steps: int = 300
+    """Adam steps (linear warm-up, then cosine decay)."""
+    batch_size: int = 128
+    crop: int | None = None
+    """Training crop side in pixels at the tokenizer input; None = the teacher's tile_size
+    (one tile per crop, exactly what the tiled teacher encodes), or 64 px for untiled teachers."""
+    lr: float = 5e-3
+    readout: int = 4
+    """Side of the pooled colour grid each token's latent must reconstruct linearly."""
+    kmeans_crops: int = 4096
+    """Crops whose latents the k-means codebook is fitted to."""
+    images: tuple[str, ...] = QUICK_TRAIN_IMAGES
+    """Image files: names inside scikit-image's data folder, or paths."""
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> QuickTrainRecipe:
+        """The recipe of a ``quick_train`` config mapping; unknown keys or bad values raise."""
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise ConfigError(f"unknown quick_train option(s) {', '.join(unknown)}; "
+                              f"valid options: {', '.join(names)}")
+        values = dict(options)
+        if "images" in values:
+            values["images"] = tuple(str(name) for name in values["images"])
+        recipe = cls(**values)
+        for name in ("steps", "batch_size", "crop", "readout", "kmeans_crops"):
+            value = getattr(recipe, name)
+            if not (value is None and name == "crop") and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"quick_train.{name} must be a positive integer, got {value!r}")
+        if not (isinstance(recipe.lr, (int, float)) and recipe.lr > 0):
+            raise ConfigError(f"quick_train.lr must be > 0, got {recipe.lr!r}")
+        if not recipe.images:
+            raise ConfigError("quick_train.images is empty: give at least one image file")
+        return recipe
+
+
+def teacher_cache_dir() -> Path:
+    """Where quick-trained teachers are cached: ``$ONEDC_CACHE/teachers``, else
+    ``$XDG_CACHE_HOME/onedc/teachers`` (``~/.cache/onedc/teachers``)."""
+    root = os.environ.get("ONEDC_CACHE")
+    if root:
+        return Path(root).expanduser() / "teachers"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "onedc" / "teachers"
+
+
+def _read_rgb(path: Path) -> torch.Tensor:
+    """One image file as a (3, H, W) float32 tensor in [-1, 1]; grayscale is repeated to RGB."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def _quick_train_images(names: Sequence[str], scale: float, crop: int) -> list[torch.Tensor]:
+    """The recipe's images, resized by the teacher's ``input_scale`` exactly as targets() does."""
+    skimage_dir = None
+    images = []
+    for name in names:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            if skimage_dir is None:
+                try:
+                    import skimage.data
+                except ImportError as err:
+                    raise ConfigError(f"quick_train image {name!r} is not a file, and scikit-image "
+                                      "(whose bundled photos it would name) is not installed") from err
+                skimage_dir = Path(skimage.data.__file__).parent
+            path = skimage_dir / name
+        if not path.is_file():
+            raise ConfigError(f"quick_train image {name!r} not found (neither a file nor in "
+                              f"{skimage_dir}): give a path or a scikit-image data file name")
+        image = _read_rgb(path)[None]
+        image = _resize(image, _scaled_size(image.shape[-2], image.shape[-1], scale))[0]
+        if min(image.shape[-2:]) < crop:
+            raise ConfigError(f"quick_train image {path} is {tuple(image.shape[-2:])} px at input_scale "
+                              f"{scale:g}, smaller than the {crop} px training crop")
+        images.append(image)
+    return images
+
+
+def _random_crops(images: Sequence[torch.Tensor], count: int, size: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    """``count`` random ``size``-px crops (random image, position and horizontal flip)."""
+    def draw(high: int) -> int:
+        return int(torch.randint(high, (), generator=generator))
+
+    crops = []
+    for _ in range(count):
+        image = images[draw(len(images))]
+        top, left = draw(image.shape[-2] - size + 1), draw(image.shape[-1] - size + 1)
+        crop = image[:, top:top + size, left:left + size]
+        crops.append(crop.flip(-1) if draw(2) else crop)
+    return torch.stack(crops)
+
+
+def quick_train_vq(model: nn.Module, recipe: QuickTrainRecipe, *, seed: int, input_scale: float,
+                   tile_size: int | None = None) -> None:
+    """Train a diffusers ``VQModel`` in place with ``recipe`` (see :class:`QuickTrainRecipe`).
+
+    Deterministic from ``seed``; the caller's RNG, thread count and grad mode are left as they
+    were. The model ends frozen in eval mode.
+    """
+    stride = _vq_stride(model)
+    crop = recipe.crop or tile_size or 64
+    if crop % stride or recipe.readout < 1 or stride % recipe.readout:
+        raise ConfigError(f"quick_train crop {crop} must be a multiple of the tokenizer's stride "
+                          f"{stride}, and readout {recipe.readout} must divide it")
+    images = _quick_train_images(recipe.images, input_scale, crop)
+    channels = model.quantize.vq_embed_dim
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
+            torch.manual_seed(seed)
+            generator = torch.Generator().manual_seed(seed)
+            # Linear per-token decoder: latent -> readout x readout colours of the token's patch.
+            readout = nn.Sequential(nn.Conv2d(channels, 3 * recipe.readout ** 2, 1),
+                                    nn.PixelShuffle(recipe.readout))
+            params = [*model.encoder.parameters(), *model.quant_conv.parameters(), *readout.parameters()]
+            optimizer = torch.optim.Adam(params, lr=recipe.lr)
+            warmup = max(1, min(20, recipe.steps // 10))
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
+                1.0, (step + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * step / recipe.steps)))
+            model.train()
+            for _ in range(recipe.steps):
+                x = _random_crops(images, recipe.batch_size, crop, generator)
+                target = F.avg_pool2d(x, stride // recipe.readout)
+                loss = F.mse_loss(readout(model.encode(x).latents), target)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+            model.eval()
+            with torch.no_grad():
+                x = _random_crops(images, recipe.kmeans_crops, crop, generator)
+                latents = torch.cat([model.encode(chunk).latents for chunk in x.split(512)])
+                points = latents.permute(0, 2, 3, 1).reshape(-1, channels).float()
+                weight = model.quantize.embedding.weight
+                weight.copy_(_kmeans(points, model.quantize.n_e, iterations=20).to(weight.dtype))
+    finally:
+        torch.set_num_threads(threads)
+    model.requires_grad_(False)
+
+
+def _quick_trained_vq_dir(config: dict, seed: int, input_scale: float, tile_size: int | None,
+                          recipe: QuickTrainRecipe) -> Path:
+    """The cached diffusers directory of a quick-trained VQModel; trains it on a cache miss.
+
+    The cache key hashes everything the weights depend on (VQModel kwargs, seed, input_scale,
+    tile_size, recipe, recipe version). A fresh model is written to a temporary directory and
+    renamed into place, so readers never see half a model, and concurrent builders (DDP ranks
+    on a cold cache) all end up loading the one directory that won the rename.
+    """
+    from diffusers import VQModel
+
+    spec = {"version": _QUICK_TRAIN_VERSION, "config": config, "seed": seed,
+            "input_scale": input_scale, "tile_size": tile_size, "recipe": asdict(recipe)}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    root = teacher_cache_dir()
+    final = root / f"vq-{key}"
+    if (final / "config.json").is_file():
+        return final
+    model = _build_random(lambda: VQModel(**config), seed, meta=False)
+    quick_train_vq(model, recipe, seed=seed, input_scale=input_scale, tile_size=tile_size)
+    # Same naming and umask-respecting mode as onedc.io's atomic file writes, for a directory.
+    staging = root / f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        staging.mkdir(parents=True)
+        model.save_pretrained(str(staging))
+        (staging / "quick_train.json").write_text(json.dumps(spec, sort_keys=True, indent=1, default=str))
+        try:
+            staging.rename(final)
+        except OSError:
+            if not (final / "config.json").is_file():  # not a lost race with another builder
+                raise
+    except OSError as err:
+        raise OneDCError(f"cannot write the quick-trained teacher to {final} ({err.strerror or err}); "
+                         "set ONEDC_CACHE to a writable folder") from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,8 +699,14 @@ _VQ_FORMAT = ("a diffusers VQModel directory (config.json + diffusion_pytorch_mo
 
 
 def _build_vq(pretrained: str | None, config: dict | None, seed: int, input_scale: float,
-              meta: bool) -> VQTeacher:
+              meta: bool, tile_size: int | None = None,
+              quick_train: QuickTrainRecipe | None = None) -> VQTeacher:
     from diffusers import VQModel
+
+    def teacher(model: nn.Module, identity: str) -> VQTeacher:
+        if tile_size is not None and not identity.endswith(":meta"):
+            identity += f":tile={tile_size}"
+        return VQTeacher(model, identity=identity, input_scale=input_scale, tile_size=tile_size)
 
     def from_config() -> nn.Module:
         if config is None:
@@ -433,14 +717,24 @@ def _build_vq(pretrained: str | None, config: dict | None, seed: int, input_scal
         except TypeError as err:
             raise ConfigError(f"vq teacher config is not valid VQModel kwargs: {err}") from err
 
+    if pretrained is None and quick_train is not None and not meta:
+        teacher(_build_random(from_config, seed, meta=True), "check")  # bad options fail before training
+        path = _quick_trained_vq_dir(config, seed, input_scale, tile_size, quick_train)
+        # Loaded back with the real loader, so a cold and a cached build give the same model;
+        # the identity is the weights' content hash, as for any pretrained directory.
+        try:
+            model = VQModel.from_pretrained(str(path))
+        except Exception as err:
+            raise WeightsError(f"cannot load the cached quick-trained tokenizer {path} ({err}); "
+                               "delete that directory to retrain it") from err
+        return teacher(model, _weights_identity(VQTeacher, path, input_scale))
     if pretrained is None:
         model = _build_random(from_config, seed, meta)
         if meta:
-            return VQTeacher(model, identity="VQTeacher:meta", input_scale=input_scale)
+            return teacher(model, "VQTeacher:meta")
         _init_codebook_from_data(model, seed)
         spec = {"config": config, "codebook": "kmeans-pseudo-images-v1"}
-        return VQTeacher(model, identity=_random_identity(VQTeacher, spec, seed, input_scale),
-                         input_scale=input_scale)
+        return teacher(model, _random_identity(VQTeacher, spec, seed, input_scale))
 
     path = Path(pretrained)
     _check_path(path, _VQ_FORMAT)
@@ -471,8 +765,7 @@ def _build_vq(pretrained: str | None, config: dict | None, seed: int, input_scal
         if result.missing_keys or result.unexpected_keys:
             raise WeightsError(f"{path} does not fit the VQModel of `config`: "
                                f"{_key_report(result.missing_keys, result.unexpected_keys)}")
-    identity = "VQTeacher:meta" if meta else _weights_identity(VQTeacher, path, input_scale)
-    return VQTeacher(model, identity=identity, input_scale=input_scale)
+    return teacher(model, "VQTeacher:meta" if meta else _weights_identity(VQTeacher, path, input_scale))
 
 
 def _build_timm(pretrained: str | None, model_name: str | None, model_kwargs: dict | None,
@@ -566,6 +859,7 @@ def _build_transformers(pretrained: str | None, config: dict | None, seed: int,
 def build_teacher(kind: str, *, pretrained: str | None = None, config: dict | None = None,
                   model_name: str | None = None, model_kwargs: dict | None = None, seed: int = 0,
                   input_scale: float = 0.5, allow_random: bool = True,
+                  tile_size: int | None = None, quick_train: dict[str, Any] | None = None,
                   device: str | torch.device | None = None) -> Teacher:
     """Build a frozen teacher of ``kind`` ("vq", "timm" or "transformers") from plain options.
 
@@ -573,15 +867,20 @@ def build_teacher(kind: str, *, pretrained: str | None = None, config: dict | No
     (VQ: diffusers VQModel dir or state-dict file of the VQModel in ``config``; timm: weights
     file for ``model_name``; transformers: saved model dir); ``None`` builds random weights,
     deterministically from ``seed`` and without touching the global RNG, and is refused when
-    ``allow_random`` is False. ``device="meta"`` builds the architecture only, for counting
+    ``allow_random`` is False. VQ only: ``tile_size`` encodes the image in independent tiles
+    (see :class:`VQTeacher`), and ``quick_train`` (options of :class:`QuickTrainRecipe`) trains
+    such a random tokenizer briefly so its codes describe image content like a real tokenizer's;
+    the result is cached under :func:`teacher_cache_dir` and its identity is its weights' content
+    hash. ``device="meta"`` builds the architecture only, for counting
     parameters of full-size presets; such a teacher cannot compute targets. Bad options raise
     :class:`ConfigError`, missing or unfitting weights :class:`WeightsError`.
     """
     if kind not in TEACHER_KINDS:
         raise ConfigError(f"unknown teacher kind {kind!r}; valid kinds: {', '.join(TEACHER_KINDS)}")
-    unused = {"vq": ("model_name", "model_kwargs"), "timm": ("config",),
-              "transformers": ("model_name", "model_kwargs")}[kind]
-    given = {"config": config, "model_name": model_name, "model_kwargs": model_kwargs}
+    unused = {"vq": ("model_name", "model_kwargs"), "timm": ("config", "tile_size", "quick_train"),
+              "transformers": ("model_name", "model_kwargs", "tile_size", "quick_train")}[kind]
+    given = {"config": config, "model_name": model_name, "model_kwargs": model_kwargs,
+             "tile_size": tile_size, "quick_train": quick_train}
     stray = [name for name in unused if given[name]]
     if stray:
         raise ConfigError(f"teacher kind {kind!r} does not use {', '.join(stray)}; "
@@ -593,7 +892,9 @@ def build_teacher(kind: str, *, pretrained: str | None = None, config: dict | No
                            f"({'a model dir' if kind != 'timm' else 'a weights file'})")
     pretrained = None if pretrained is None else str(Path(pretrained).expanduser())
     if kind == "vq":
-        teacher: Teacher = _build_vq(pretrained, config, seed, input_scale, meta)
+        recipe = None if quick_train is None else QuickTrainRecipe.from_options(dict(quick_train))
+        tile = None if tile_size is None else int(tile_size)
+        teacher: Teacher = _build_vq(pretrained, config, seed, input_scale, meta, tile, recipe)
     elif kind == "timm":
         teacher = _build_timm(pretrained, model_name, model_kwargs, seed, input_scale, meta)
     else:

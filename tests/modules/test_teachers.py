@@ -1,4 +1,5 @@
-"""Teachers: target shapes, exact save/load round trips, seeding, freezing, errors."""
+"""Teachers: target shapes, exact save/load round trips, seeding, freezing, errors, tiling and
+the quick-trained tiny VQ tokenizer (determinism, disk cache, codes that describe content)."""
 from __future__ import annotations
 
 import math
@@ -10,6 +11,8 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import save_file
 
+import onedc.modules.teachers as teachers_module
+from onedc.datamodules import load_image, sample_photo_paths
 from onedc.errors import ConfigError, WeightsError
 from onedc.modules.teachers import (
     TeacherTargets,
@@ -32,11 +35,27 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _teacher_cache(tmp_path_factory):
+    """Quick-trained teachers are cached in a temp dir, never in the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ONEDC_CACHE", str(tmp_path_factory.mktemp("onedc-cache")))
+        yield
+
+
 def tokenizer_options(name: str) -> dict:
     """The builder kwargs of configs/tokenizer/<name>.yaml, as the orchestrator passes them."""
     options = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
     options.pop("name")
     options.pop("head")
+    return options
+
+
+def random_options(name: str) -> dict:
+    """The random-weight, untiled teacher of the same architecture: what the loader tests use."""
+    options = tokenizer_options(name)
+    options.pop("quick_train", None)
+    options.pop("tile_size", None)
     return options
 
 
@@ -48,7 +67,7 @@ def images() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def teachers() -> dict:
-    return {name: build_teacher(**tokenizer_options(name)) for name in TINY}
+    return {name: build_teacher(**random_options(name)) for name in TINY}
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -98,7 +117,7 @@ def test_feature_teacher_rounds_to_whole_patches(teachers):
 
 def test_vq_roundtrip_diffusers_dir_and_state_dict_files(teachers, images, tmp_path):
     teacher = teachers["vq_tiny"]
-    options = tokenizer_options("vq_tiny")
+    options = random_options("vq_tiny")
     reference = teacher.targets(images)
 
     teacher.model.save_pretrained(tmp_path / "vq")
@@ -128,12 +147,12 @@ def test_vq_state_dict_that_does_not_fit_names_the_keys(teachers, tmp_path):
     save_file(state, tmp_path / "bad.safetensors")
     with pytest.raises(WeightsError, match=r"quant_conv\.bias.*extra\.weight"):
         build_teacher("vq", pretrained=str(tmp_path / "bad.safetensors"),
-                      config=tokenizer_options("vq_tiny")["config"])
+                      config=random_options("vq_tiny")["config"])
 
 
 def test_timm_roundtrip_safetensors_file(teachers, images, tmp_path):
     teacher = teachers["timm_vit_tiny"]
-    options = tokenizer_options("timm_vit_tiny")
+    options = random_options("timm_vit_tiny")
     save_file(teacher.model.state_dict(), tmp_path / "vit.safetensors")
     loaded = build_teacher(**{**options, "pretrained": str(tmp_path / "vit.safetensors"), "seed": 99})
     assert isinstance(loaded, TimmFeatureTeacher)
@@ -156,7 +175,7 @@ def test_transformers_roundtrip_save_pretrained_dir(teachers, images, tmp_path):
 
 @pytest.mark.parametrize("name", TINY)
 def test_random_build_is_seeded_and_leaves_global_rng_alone(teachers, images, name):
-    options = tokenizer_options(name)
+    options = random_options(name)
     state = torch.get_rng_state()
     again = build_teacher(**options)
     assert torch.equal(torch.get_rng_state(), state)
@@ -228,9 +247,148 @@ def test_unknown_kind_and_stray_options_are_config_errors():
 
 def test_meta_build_counts_parameters_without_weights():
     options = tokenizer_options("vq_tiny")
-    meta = build_teacher(**options, device="meta", allow_random=False)
-    real = build_teacher(**options)
+    meta = build_teacher(**options, device="meta", allow_random=False)  # quick_train skipped
+    real = build_teacher(**random_options("vq_tiny"))
     assert meta.is_meta
     assert sum(p.numel() for p in meta.parameters()) == sum(p.numel() for p in real.parameters())
     with pytest.raises(WeightsError, match="meta device"):
         meta.targets(torch.zeros(1, 3, 64, 64))
+
+
+# --------------------------------------------------------------------------------------------
+# Tiling and the quick-trained tiny VQ tokenizer
+# --------------------------------------------------------------------------------------------
+
+def smooth_images(count: int, height: int, width: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(count, 3, 8, 8, generator=generator) * 2 - 1
+    return F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+def test_tiled_codes_depend_on_their_own_tile_only():
+    # input_scale 1: no resize, so a crop at tile boundaries holds exactly the same tiles.
+    options = {**random_options("vq_tiny"), "input_scale": 1.0}
+    big = smooth_images(2, 96, 128, seed=3)
+    crop = big[:, :, 32:96, 16:80]
+    tiled = build_teacher(**options, tile_size=16)
+    assert torch.equal(tiled.targets(big).indices[:, 2:6, 1:5], tiled.targets(crop).indices)
+    # Untiled, every GroupNorm sees the whole input: the same patch gets other codes in a crop.
+    untiled = build_teacher(**options)
+    agree = (untiled.targets(big).indices[:, 2:6, 1:5] == untiled.targets(crop).indices).float().mean()
+    assert agree < 0.5
+    # Tiling pads to whole tiles and keeps the untiled token grid (floor of size / 16).
+    odd = torch.zeros(1, 3, 50, 70)
+    assert tiled.targets(odd).indices.shape == untiled.targets(odd).indices.shape == (1, 3, 4)
+    assert tiled.identity == untiled.identity + ":tile=16"
+
+
+def test_tile_size_is_checked():
+    with pytest.raises(ConfigError, match="multiple of the tokenizer's stride 16"):
+        build_teacher(**random_options("vq_tiny"), tile_size=24)
+    with pytest.raises(ConfigError, match="tile_size"):
+        build_teacher(**random_options("timm_vit_tiny"), tile_size=16)
+
+
+SMALL_RECIPE = {"steps": 8, "batch_size": 16, "kmeans_crops": 64, "images": ["astronaut.png", "coffee.png"]}
+
+
+def test_quick_train_is_deterministic_cached_and_reloaded(tmp_path, monkeypatch, images):
+    options = {**tokenizer_options("vq_tiny"), "quick_train": SMALL_RECIPE}
+    rng, threads = torch.get_rng_state(), torch.get_num_threads()
+    monkeypatch.setenv("ONEDC_CACHE", str(tmp_path / "a"))
+    first = build_teacher(**options)
+    monkeypatch.setenv("ONEDC_CACHE", str(tmp_path / "b"))
+    second = build_teacher(**options)  # trained again from scratch in an empty cache
+    assert torch.equal(torch.get_rng_state(), rng) and torch.get_num_threads() == threads
+    state = second.model.state_dict()
+    assert all(torch.equal(value, state[key]) for key, value in first.model.state_dict().items())
+    assert first.identity == second.identity
+
+    # A cache hit loads the saved directory and trains nothing.
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cache hit must not train")
+
+    monkeypatch.setattr(teachers_module, "quick_train_vq", no_training)
+    monkeypatch.setenv("ONEDC_CACHE", str(tmp_path / "a"))
+    cached = build_teacher(**options)
+    assert torch.equal(cached.targets(images).indices, first.targets(images).indices)
+    entries = list((tmp_path / "a" / "teachers").iterdir())
+    assert len(entries) == 1 and not entries[0].name.startswith(".")  # no staging leftovers
+    # The identity is the weights' content hash: the same as loading that directory by hand.
+    by_hand = build_teacher("vq", pretrained=str(entries[0]), input_scale=0.5, tile_size=16)
+    assert cached.identity == first.identity == by_hand.identity
+    assert cached.identity.startswith("VQTeacher:sha256=")
+    # Another recipe is another cache entry (and other weights).
+    monkeypatch.undo()
+    monkeypatch.setenv("ONEDC_CACHE", str(tmp_path / "a"))
+    other = build_teacher(**{**options, "quick_train": {**SMALL_RECIPE, "steps": 9}})
+    assert other.identity != first.identity
+    assert len(list((tmp_path / "a" / "teachers").iterdir())) == 2
+
+
+def test_quick_train_options_are_checked():
+    options = tokenizer_options("vq_tiny")
+    with pytest.raises(ConfigError, match="unknown quick_train option.*valid options: steps"):
+        build_teacher(**{**options, "quick_train": {"stepz": 3}})
+    with pytest.raises(ConfigError, match="quick_train.steps must be a positive integer"):
+        build_teacher(**{**options, "quick_train": {"steps": 0}})
+    with pytest.raises(ConfigError, match="nowhere.png"):
+        build_teacher(**{**options, "quick_train": {**SMALL_RECIPE, "images": ["nowhere.png"]}})
+    with pytest.raises(ConfigError, match="quick_train"):
+        build_teacher(**{**random_options("dinov2_tiny"), "quick_train": SMALL_RECIPE})
+
+
+def _token_colour_layout(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B*h*w, 48): the 4x4 average colours of each 32 px token patch."""
+    pooled = F.avg_pool2d(x, 8)
+    b, c, h, w = pooled.shape
+    return pooled.reshape(b, c, h // 4, 4, w // 4, 4).permute(0, 2, 4, 1, 3, 5).reshape(-1, c * 16)
+
+
+def _linear_probe_accuracy(teacher) -> tuple[float, float]:
+    """Fit a linear classifier from each token's colour layout to its code on crops of the sample
+    training photos; return (accuracy, majority-code accuracy) on the held-out validation photos."""
+    paths = sample_photo_paths()
+    train = [load_image(paths[n]) for n in ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left")]
+    val = [load_image(paths[n]) for n in ("grace_hopper", "motorcycle_right")]
+    crops = torch.stack([im[:, i:i + 128, j:j + 128] for im in train
+                         for i in range(0, im.shape[1] - 127, 64) for j in range(0, im.shape[2] - 127, 64)])
+
+    def center(im: torch.Tensor) -> torch.Tensor:
+        top, left = (im.shape[1] - 256) // 2, (im.shape[2] - 256) // 2
+        return im[:, top:top + 256, left:left + 256]
+
+    val_x = torch.stack([center(im) for im in val])
+    feats, codes = _token_colour_layout(crops), teacher.targets(crops).indices.flatten()
+    val_feats, val_codes = _token_colour_layout(val_x), teacher.targets(val_x).indices.flatten()
+    mean, std = feats.mean(0), feats.std(0) + 1e-6
+    feats, val_feats = (feats - mean) / std, (val_feats - mean) / std
+    torch.manual_seed(0)
+    classifier = torch.nn.Linear(feats.shape[1], teacher.num_codes)
+    optimizer = torch.optim.LBFGS(classifier.parameters(), max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(classifier(feats), codes) + 1e-3 * classifier.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        accuracy = (classifier(val_feats).argmax(1) == val_codes).float().mean().item()
+    majority = torch.bincount(val_codes, minlength=teacher.num_codes).max().item() / val_codes.numel()
+    return accuracy, majority
+
+
+def test_quick_trained_vq_tiny_codes_describe_image_content():
+    """The distill stage can only show learning if the teacher's codes are a learnable function
+    of what the image looks like: a linear read-out of each token's colours must predict the
+    codes on held-out photos far above the majority code. A random teacher's codes cannot."""
+    teacher = build_teacher(**tokenizer_options("vq_tiny"))
+    accuracy, majority = _linear_probe_accuracy(teacher)
+    assert accuracy > majority + 0.3  # measured 0.77 vs 0.14
+    paths = sample_photo_paths()
+    val = torch.stack([load_image(paths[n])[:, :256, :256] for n in ("grace_hopper", "motorcycle_right")])
+    assert teacher.targets(val).indices.unique().numel() >= 8  # of 16 codes
+    random_accuracy, random_majority = _linear_probe_accuracy(build_teacher(**random_options("vq_tiny")))
+    assert random_accuracy < random_majority + 0.05  # measured 0.11 vs 0.16
