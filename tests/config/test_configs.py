@@ -11,14 +11,15 @@ from onedc.errors import ConfigError
 FULL_SIZE_TOKENIZERS = {"maskgit_vqgan", "timm_vit", "dinov2"}
 
 
-@pytest.mark.parametrize("group", [g for g in GROUPS if g != "experiment"])
+@pytest.mark.parametrize("group", GROUPS)
 def test_every_option_composes(group):
     options = group_options(group)
     assert options, f"group {group} has no options"
     for option in options:
         overrides = [f"{group}={option}"] + (["data.root=/tmp"] if option == "folder" else [])
         cfg = compose(overrides)
-        assert cfg[group] is not None
+        # experiments are @package _global_: they change other groups, they have no node of their own
+        assert group == "experiment" or cfg[group] is not None
 
 
 def test_stage_all_holds_every_stage_and_accepts_per_stage_overrides():
@@ -51,6 +52,12 @@ def test_unknown_key_lists_valid_keys():
 def test_missing_required_value_is_named():
     with pytest.raises(ConfigError, match="data.root"):
         compose(["data=folder"])
+
+
+def test_smoke_experiment_shortens_the_chain():
+    cfg = compose(["experiment=smoke"])
+    assert cfg.stage.name == "all" and cfg.stage.distill.max_steps == 20 and cfg.stage.finetune.lpips_weight == 0
+    assert cfg.run_dir == "runs/smoke-tiny-vq_tiny"
 
 
 def test_run_dir_is_deterministic():
