@@ -67,7 +67,7 @@ def _read_error(path: Path, exc: BaseException) -> ImageReadError:
         reason, advice = "not an image format Pillow recognises", "Remove or convert the file"
     else:
         reason = f"corrupt or truncated file ({type(exc).__name__}: {exc})"
-        advice = "Re-export or remove the file, or set skip_bad=True to drop unreadable files"
+        advice = "Re-export or remove the file, or set data.skip_bad=true to drop unreadable files with a warning"
     return ImageReadError(f"cannot read image {path}: {reason}. {advice}.")
 
 
