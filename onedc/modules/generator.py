@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from onedc.errors import WeightsError
+from onedc.modules.weights import diffusers_model_dir
 
 log = logging.getLogger("onedc")
 
@@ -192,15 +193,8 @@ class OneStepGenerator(nn.Module):
 def _load_unet(pretrained: str | Path) -> nn.Module:
     from diffusers import UNet2DConditionModel
 
-    path = Path(pretrained).expanduser()
-    if (path / "unet" / "config.json").is_file():  # a full SD pipeline directory
-        path = path / "unet"
-    if not (path / "config.json").is_file():
-        raise WeightsError(
-            f"UNet weights not found at {path}: expected a diffusers UNet2DConditionModel directory "
-            "(config.json + diffusion_pytorch_model.safetensors) or an SD model dir with unet/. "
-            "Set model.generator.pretrained=DIR, or model.generator.pretrained=null for random weights."
-        )
+    path = diffusers_model_dir(pretrained, "unet", "a diffusers UNet2DConditionModel directory",
+                               "model.generator.pretrained")
     try:
         return UNet2DConditionModel.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, RuntimeError) as err:

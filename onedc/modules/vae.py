@@ -7,13 +7,13 @@ handle the latent scaling factor so that the rest of onedc sees unit-variance la
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from onedc.errors import WeightsError
+from onedc.modules.weights import diffusers_model_dir
 
 
 def _autocast_bf16(device: torch.device) -> contextlib.AbstractContextManager:
@@ -84,15 +84,7 @@ def build_vae(
     from diffusers import AutoencoderKL
 
     if pretrained is not None:
-        path = Path(pretrained).expanduser()
-        if (path / "vae" / "config.json").is_file():
-            path = path / "vae"
-        if not (path / "config.json").is_file():
-            raise WeightsError(
-                f"VAE weights not found at {path}: expected a diffusers AutoencoderKL directory "
-                "(config.json + diffusion_pytorch_model.safetensors). Set model.vae.pretrained=DIR "
-                "or model.vae.pretrained=null for random weights."
-            )
+        path = diffusers_model_dir(pretrained, "vae", "a diffusers AutoencoderKL directory", "model.vae.pretrained")
         try:
             autoencoder = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError, RuntimeError) as err:

@@ -11,13 +11,6 @@ from onedc.modules.teachers import TeacherTargets
 K, C = 16, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CI box has 2 shared cores; intra-op threads only add contention for models this small."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def vq_batch(seed: int = 0, grid: int = 4) -> tuple[torch.Tensor, TeacherTargets, torch.Tensor]:

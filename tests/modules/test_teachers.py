@@ -26,13 +26,6 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "tokenizer"
 TINY = ("vq_tiny", "timm_vit_tiny", "dinov2_tiny")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CI box has 2 shared cores; intra-op threads only add contention for models this small."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True, scope="module")
