@@ -33,17 +33,20 @@ def model_config() -> dict:
 
 @pytest.fixture(scope="session")
 def ladder(tmp_path_factory, model_config) -> list[Path]:
-    """Two untrained checkpoints: a low-rate one and one whose y carries ~30x more bits
-    (its last g_a layer scaled by 10), so that both JPEG and WebP can reach its bpp."""
+    """Two untrained checkpoints whose y spreads over fewer bins than a fresh codec's (last g_a
+    layer scaled by 1/25 and 10/25), so that both JPEG and WebP can reach their bpp; the
+    high one's y carries ~30x more bits than the low one's."""
     from onedc.inference import OneDCCodec
+    from onedc.modules.codec import Y_INIT_GAIN
 
     folder = tmp_path_factory.mktemp("ladder")
     low = OneDCCodec.from_config(model_config)
     high = OneDCCodec.from_config(model_config)
-    with torch.no_grad():
-        high.codec.g_a_y[1].weight.mul_(10.0)
-        high.codec.g_a_y[1].bias.mul_(10.0)
-    high.codec.update(force=True)
+    for bundle, gain in ((low, 1.0), (high, 10.0)):
+        with torch.no_grad():
+            bundle.codec.g_a_y[1].weight.mul_(gain / Y_INIT_GAIN)
+            bundle.codec.g_a_y[1].bias.mul_(gain / Y_INIT_GAIN)
+        bundle.codec.update(force=True)
     return [save_bundle(low, model_config, folder / "low.ckpt", "distill"),
             save_bundle(high, model_config, folder / "high.ckpt", "distill")]
 

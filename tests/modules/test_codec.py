@@ -80,3 +80,31 @@ def test_unpadded_input_is_refused_and_padding_restores_size():
     padded, size = pad_to_multiple(x, 64)
     assert padded.shape[-2:] == (128, 128) and size == (70, 100)
     assert torch.equal(padded[..., :70, :100], x)
+
+
+def test_z_is_scale_free_and_contiguous(models):
+    """A channel LayerNorm sits before FSQ: growing analysis features cannot saturate z, and ẑ has
+    the plain layout the decoder rebuilds from indices (same conv kernels, same μ and σ bits)."""
+    _, codec = models
+    codec.eval()
+    sem = torch.randn(2, 16, 3, 4)
+    z_hat = codec.hyper_analysis(sem)
+    assert z_hat.is_contiguous()
+    assert torch.equal(codec.hyper_analysis(sem * 1000.0), z_hat)
+    indices = codec.fsq.codes_to_indices(z_hat)
+    assert torch.equal(codec.hyper_synthesis(codec.fsq.indices_to_codes(indices))[1], codec.hyper_synthesis(z_hat)[1])
+
+
+def test_fresh_codec_already_codes_y(models):
+    """y starts spread over several quantisation bins, so a fresh codec's rate is more than
+    z's fixed bits and the rate-distortion loss can lower it (rather than only raise it)."""
+    vae, codec = models
+    codec.eval()
+    x = torch.rand(1, 3, 128, 128) * 2 - 1
+    with torch.no_grad():
+        out = codec(x, vae.encode(x))
+        _, means, _ = codec.hyper_synthesis(out.z_hat)
+    symbols = (out.y_hat - means).round()
+    assert (symbols != 0).float().mean() > 0.5
+    y_bits = codec.rate_bits(out).item() - 64 - out.z_bits.item()
+    assert y_bits > 10 * out.z_bits.item()

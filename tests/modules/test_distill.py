@@ -85,6 +85,22 @@ def test_prediction_is_resized_to_the_target_grid():
     assert sem.grad.abs().sum() > 0
 
 
+def test_each_token_of_a_cell_is_predicted_from_the_cell():
+    """The x2 upsampling is learned (pixel shuffle): the four teacher tokens under one hyperprior
+    position can differ, in an order that depends on the position's features, not on where
+    the cell is. Bilinear upsampling of a one-cell grid gives the four the same features."""
+    torch.manual_seed(0)
+    head = SemanticPredictorHead(12, K, hidden=32, depth=0, heads=4, upsample=2)
+    sem = torch.randn(2, 12, 1, 1)
+    codes = torch.tensor([[[0, 1], [2, 3]], [[3, 2], [1, 0]]])  # same cell position, reversed order
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(100):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(head(sem), codes).backward()
+        optimizer.step()
+    assert torch.equal(head(sem).argmax(dim=1), codes)
+
+
 @pytest.mark.parametrize("feature_loss", ["cosine", "mse"])
 def test_feature_loss_terms(feature_loss):
     generator = torch.Generator().manual_seed(0)
