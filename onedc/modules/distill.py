@@ -75,7 +75,7 @@ class SemanticPredictorHead(nn.Module):
     h*upsample, w*upsample). Each hyperprior position predicts its own ``upsample**2`` teacher
     tokens: a bilinear upsampling can only blend neighbouring positions, so the tokens inside one
     cell could not differ except through attention (measured, tiny preset: train token accuracy
-    after 300 steps 0.27 with bilinear, 0.31 with the pixel shuffle).
+    after 300 steps 0.27 with bilinear, 0.31 with the pixel shuffle, one run each).
     """
 
     def __init__(self, in_channels: int, out_dim: int, *, hidden: int = 256, depth: int = 2,
