@@ -4,7 +4,8 @@
 
     x ──patch-embed 8x8/s8──┐
     v = VAE(x) (1/8) ───────┴─ fuse ─ g_a_y ─> y (M ch, 1/16) ──Q──> ŷ ───────────── rANS ─> bits_y
-                                        └─ g_a_sem ─> sem (1/64) ─ h_a ─> z ─FSQ─> ẑ ── fixed ─> bits_z
+                                        └─ g_a_sem ─(+)─> sem (1/64) ─ h_a ─> z ─FSQ─> ẑ ── fixed ─> bits_z
+    x ─avg-pool 8─ space-to-depth 8─ 1x1 ────────────┘   (linear pixel shortcut)
     ẑ ─ h_s ─> h (1/16) ─> (μ, σ) of ŷ          (mean-scale Gaussian, CompressAI GaussianConditional)
     ẑ ─ h_sem ─> semantic map (1/64) ─> tokens (B, L, token_dim)   (replaces the text prompt)
     [ŷ, h] ─ g_s ─> features (1/8) ─┬─> UNet conv_in (one-step generator)
@@ -159,6 +160,16 @@ class HyperpriorCodec(CompressionModel):
         self.g_a_sem = nn.Sequential(
             ResidualBlockWithStride(n, s, stride=2), ResidualBlockWithStride(s, s, stride=2), ResidualBlock(s, s)
         )
+        # Pixel shortcut of the semantic branch, in the spirit of DC-AE's space-to-channel
+        # shortcuts: the patch colours of each 64 px block (avg-pooled at the patch size, then
+        # space-to-depth), projected linearly and added to g_a_sem's output. The deep branch alone
+        # fits the training photos' tokens without generalising; with this linear path from colour
+        # the tiny preset's held-out token accuracy after 300 distill steps (256 px crops) went
+        # from 0.11 to 0.27, against 0.14 for always predicting the most frequent code.
+        cells = self.downsample // patch_size
+        self.sem_shortcut = nn.Sequential(
+            nn.AvgPool2d(patch_size), nn.PixelUnshuffle(cells), conv1x1(3 * cells * cells, s)
+        )
         self.fsq = FSQ(fsq_levels)
         # LayerNorm over channels (per position, so a code never depends on the rest of the
         # image) before the FSQ projection. Without it, the distillation loss keeps pushing the
@@ -195,7 +206,7 @@ class HyperpriorCodec(CompressionModel):
                 "(onedc.modules.codec.pad_to_multiple)"
             )
         h = self.fuse(torch.cat([self.patch_embed(x), v], dim=1))
-        return self.g_a_y(h), self.g_a_sem(h)
+        return self.g_a_y(h), self.g_a_sem(h) + self.sem_shortcut(x)
 
     def hyper_analysis(self, sem: Tensor) -> Tensor:
         """Semantic analysis features -> ẑ (FSQ codes in [-1, 1], straight-through in training).

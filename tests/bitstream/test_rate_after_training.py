@@ -10,6 +10,7 @@ from onedc.pipeline import run
 @pytest.mark.slow
 def test_file_rate_matches_estimate_within_two_percent(tmp_path):
     result = run(compose([f"run_dir={tmp_path}", "trainer.logger=none", "trainer.enable_progress_bar=false",
+                          "data.crop_size=128", "data.batch_size=4",
                           "trainer.max_steps=120", "stage.val_every_n_steps=120",
                           "stage.checkpoint_every_n_steps=120"]))[0]
     codec = OneDCCodec.from_checkpoint(result.final_ckpt)

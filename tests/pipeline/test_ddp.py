@@ -11,7 +11,7 @@ import torch
 from pipeline_helpers import REPO, run_train, train_cmd
 
 DDP = ["stage=distill", "trainer=ddp", "trainer.devices=2", "trainer.logger=none", "trainer.enable_progress_bar=false",
-       "data.batch_size=2", "stage.max_steps=24", "stage.val_every_n_steps=12", "stage.checkpoint_every_n_steps=2"]
+       "data.batch_size=2", "data.crop_size=128", "stage.max_steps=24", "stage.val_every_n_steps=12", "stage.checkpoint_every_n_steps=2"]
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from onedc.pipeline import run
 @pytest.fixture(scope="module")
 def latent_ckpt(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("export-run")
-    fast = ["trainer.logger=none", "trainer.enable_progress_bar=false", "data.batch_size=2",
+    fast = ["trainer.logger=none", "trainer.enable_progress_bar=false", "data.batch_size=2", "data.crop_size=128",
             "stage.chain=[distill,latent]", f"run_dir={run_dir}"]
     for name in ("distill", "latent"):
         fast += [f"stage.{name}.max_steps=3", f"stage.{name}.val_every_n_steps=3",

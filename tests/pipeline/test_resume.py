@@ -13,7 +13,7 @@ from onedc.pipeline import run
 
 from pipeline_helpers import FAST, REPO, run_train, train_cmd
 
-SINGLE = ["trainer.logger=none", "trainer.enable_progress_bar=false", "data.batch_size=2",
+SINGLE = ["trainer.logger=none", "trainer.enable_progress_bar=false", "data.batch_size=2", "data.crop_size=128",
           "stage.val_every_n_steps=6", "stage.checkpoint_every_n_steps=3", "stage.warmup_steps=2",
           "stage.lmbda_warmup_steps=4"]
 

@@ -26,7 +26,7 @@ from onedc.datamodules.image_folder import sample_photo_paths
 from onedc.stages.finetune import DISCRIMINATOR_GROUP, FinetuneStage, _base_optimizer
 
 REPO = Path(__file__).resolve().parents[2]
-BASE = ["model=tiny", "trainer.enable_progress_bar=false", "data.batch_size=2", "stage=finetune",
+BASE = ["model=tiny", "trainer.enable_progress_bar=false", "data.batch_size=2", "data.crop_size=128", "stage=finetune",
         "stage.lpips.random_backbone=true", "stage.image_every_n_steps=null"]
 
 
@@ -277,7 +277,7 @@ def test_finetune_logs_gan_metrics_and_saves_the_critic(finetune_run):
 @pytest.mark.slow
 def test_finetune_under_ddp_with_two_cpu_processes(latent_ckpt, tmp_path):
     args = ["stage=finetune", f"init_from={latent_ckpt}", "trainer=ddp", "trainer.devices=2", f"run_dir={tmp_path}",
-            "trainer.logger=none", "trainer.enable_progress_bar=false", "data.batch_size=2", "data.val_crop_size=128",
+            "trainer.logger=none", "trainer.enable_progress_bar=false", "data.batch_size=2", "data.crop_size=128", "data.val_crop_size=128",
             "trainer.max_steps=3", "stage.gan_start_step=1", "stage.val_every_n_steps=3",
             "stage.checkpoint_every_n_steps=3", "stage.lpips.random_backbone=true", "stage.image_every_n_steps=null",
             "discriminator=patchgan", "discriminator.channels=16"]

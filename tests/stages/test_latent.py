@@ -14,7 +14,7 @@ from onedc.config import compose
 from onedc.errors import CheckpointError
 from onedc.stages.latent import LatentStage
 
-SMALL = ["model=tiny", "trainer.enable_progress_bar=false", "data.batch_size=2"]
+SMALL = ["model=tiny", "trainer.enable_progress_bar=false", "data.batch_size=2", "data.crop_size=128"]
 LATENT_STEPS = 24
 LATENT = SMALL + ["stage=latent", f"trainer.max_steps={LATENT_STEPS}", "stage.val_every_n_steps=12",
                   f"stage.checkpoint_every_n_steps={LATENT_STEPS}", "stage.lr=2e-3", "stage.warmup_steps=1",
