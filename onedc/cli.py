@@ -5,6 +5,7 @@
     onedc compress photo.png shots/ -o out/ --ckpt runs/tiny-vq_tiny/distill/final.ckpt
     onedc decompress out/*.onedc -o decoded/ --ckpt runs/tiny-vq_tiny/distill/final.ckpt
     onedc info out/photo.onedc
+    onedc import-reference --tokenizer maskgit-vqgan-imagenet-f16-256.bin -o models/maskgit-vqgan
 
 Subcommands live in :data:`SUBCOMMANDS` (name -> registrar adding its parser), so new ones
 (export, eval, ...) plug in without touching :func:`main`. torch, diffusers and the model
@@ -248,6 +249,49 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_cmd_eval)
 
 
+# --------------------------------------------------------------------------- import-reference
+def _cmd_import_reference(args: argparse.Namespace) -> int:
+    """Dispatch on the mode: ``--tokenizer FILE`` (teacher) or ``CHECKPOINT_DIR`` (codec checkpoint)."""
+    if args.tokenizer is not None:
+        if args.checkpoint is not None or args.vae is not None:
+            raise OneDCError("import-reference converts one thing at a time: give either --tokenizer FILE "
+                             "or CHECKPOINT_DIR --vae VAE_DIR, not both")
+        return _import_reference_tokenizer(args)
+    if args.checkpoint is not None:
+        return _import_reference_checkpoint(args)
+    raise OneDCError("nothing to import: give --tokenizer FILE (MaskGIT-VQGAN .bin) or CHECKPOINT_DIR --vae VAE_DIR")
+
+
+def _import_reference_tokenizer(args: argparse.Namespace) -> int:
+    from onedc.modules.maskgit import import_maskgit_tokenizer
+
+    out = import_maskgit_tokenizer(args.tokenizer, args.output)
+    _say(f"{args.tokenizer} -> {out}: diffusers VQModel; use tokenizer=maskgit_vqgan tokenizer.pretrained={out}")
+    return 0
+
+
+def _import_reference_checkpoint(args: argparse.Namespace) -> int:
+    # Reserved: the codec-checkpoint mode (CHECKPOINT_DIR --vae VAE_DIR -o OUT.ckpt) plugs in here.
+    raise OneDCError("import-reference CHECKPOINT_DIR (the released codec checkpoint) is not available yet; "
+                     "--tokenizer FILE -o DIR converts the MaskGIT-VQGAN teacher")
+
+
+def _register_import_reference(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "import-reference", help="convert the authors' released weights into onedc's formats",
+        description="--tokenizer FILE -o DIR: convert the MaskGIT-VQGAN tokenizer file (a plain state dict, "
+                    "e.g. maskgit-vqgan-imagenet-f16-256.bin) into a diffusers VQModel directory for "
+                    "tokenizer=maskgit_vqgan tokenizer.pretrained=DIR. The output is written atomically.")
+    parser.add_argument("checkpoint", nargs="?", default=None, metavar="CHECKPOINT_DIR",
+                        help="released codec checkpoint folder (model.safetensors + model_1.safetensors)")
+    parser.add_argument("--vae", default=None, metavar="VAE_DIR", help="VAE directory (with CHECKPOINT_DIR)")
+    parser.add_argument("--tokenizer", default=None, metavar="FILE",
+                        help="MaskGIT-VQGAN state-dict file (.bin/.pt/.safetensors) to convert")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT",
+                        help="output: a directory for --tokenizer, a .ckpt file for CHECKPOINT_DIR")
+    parser.set_defaults(func=_cmd_import_reference)
+
+
 # --------------------------------------------------------------------------- entry point
 # name -> registrar(subparsers). Other modules add theirs (export, eval) here.
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
@@ -256,6 +300,7 @@ SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "info": _register_info,
     "eval": _register_eval,
     "export": _register_export,
+    "import-reference": _register_import_reference,
 }
 
 
