@@ -1,13 +1,13 @@
 """The ``.onedc`` file container: one compressed image, self-describing and checksummed.
 
-A file is a fixed 60-byte header followed by the payload (the z stream, then the y stream).
-All integers are unsigned little-endian. Format version 1, byte by byte::
+A file is a fixed-size header followed by the payload (the z stream, the fix list, then the
+y stream). All integers are unsigned little-endian. Format version 2, byte by byte::
 
     offset size  type     field          meaning
     ------ ----  -------  -------------  -----------------------------------------------------
      0      4    bytes    magic          b"\\x89ODC" (0x89 catches 7-bit / text-mode mangling)
-     4      2    u16      version        container format version (this onedc writes 1)
-     6      2    u16      header_size    bytes before the payload (60 in version 1)
+     4      2    u16      version        container format version (this onedc writes 2)
+     6      2    u16      header_size    bytes before the payload (68 in version 2)
      8     16    bytes    model_id       first 16 bytes of SHA-256 over the decoder-side weights
     24      4    u32      height         image height in pixels, 1..65535
     28      4    u32      width          image width in pixels, 1..65535
@@ -20,10 +20,18 @@ All integers are unsigned little-endian. Format version 1, byte by byte::
     43      1    u8       reserved       0
     44      4    u32      z_len          bytes of the z stream = ceil(z_height*z_width*z_bits/8)
     48      4    u32      y_len          bytes of the y stream (CompressAI rANS)
-    52      4    u32      payload_crc    zlib.crc32 of the payload (bytes 60 .. end)
-    56      4    u32      header_crc     zlib.crc32 of header bytes 0..55
-    60   z_len   bytes    z stream       bit-packed FSQ indices, MSB first, row-major
-    60+z_len y_len bytes  y stream       rANS-coded ŷ (one image)
+    52      4    u32      fix_len        bytes of the fix list (1 when it is empty)
+    56      4    u32      symbol_crc     CRC32 of the coding decisions and symbols of ŷ
+    60      4    u32      payload_crc    zlib.crc32 of the payload (bytes 68 .. end)
+    64      4    u32      header_crc     zlib.crc32 of header bytes 0..63
+    68   z_len   bytes    z stream       bit-packed FSQ indices, MSB first, row-major
+    ..  fix_len  bytes    fix list       the encoder's decisions near a boundary (onedc.modules.decisions)
+    ..   y_len   bytes    y stream       rANS-coded ŷ (one image)
+
+``symbol_crc`` lets the decoder prove that it repeated the encoder's integer decisions (rANS
+table and mean of every ŷ symbol) and decoded the same symbols: a mismatch is an error, never a
+silently wrong picture. Version 1 (60-byte header: no fix_len, no symbol_crc, no fix list) is
+still read; its decisions came from float32 and only decode on the kind of machine that encoded.
 
 The file ends exactly after the y stream: trailing bytes are an error. The header is
 checked in an order that gives each kind of damage its own error class (all subclasses of
@@ -52,15 +60,17 @@ from onedc.errors import (
 )
 
 MAGIC = b"\x89ODC"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MODEL_ID_BYTES = 16
 MAX_SIDE = 65535  # image height/width limit (pixels)
 MAX_PADDED_PIXELS = 1 << 28  # 16384^2: bounds what a crafted header can make a decoder allocate
 
 # Everything before header_crc; the "<" prefix means little-endian with no alignment padding.
-_FIELDS = struct.Struct("<4sHH16sIIHHHHHBBIII")
+_FIELDS = struct.Struct("<4sHH16sIIHHHHHBBIIIII")  # version 2: + fix_len, symbol_crc
+_FIELDS_V1 = struct.Struct("<4sHH16sIIHHHHHBBIII")
 _HEADER_CRC = struct.Struct("<I")
-HEADER_SIZE = _FIELDS.size + _HEADER_CRC.size  # 60
+HEADER_SIZE = _FIELDS.size + _HEADER_CRC.size  # 68
+HEADER_SIZE_V1 = _FIELDS_V1.size + _HEADER_CRC.size  # 60
 _PREFIX = struct.Struct("<4sH")  # magic + version: readable whatever the version's layout
 
 
@@ -81,6 +91,8 @@ class Container:
     z_bits: int
     z_stream: bytes
     y_stream: bytes
+    fix_stream: bytes = b"\x00"  # the empty fix list (version 2); b"" in version 1
+    symbol_crc: int = 0
     version: int = FORMAT_VERSION
 
     @property
@@ -100,18 +112,23 @@ class Container:
 
     @property
     def header_size(self) -> int:
-        """Bytes of the header (everything that is not payload)."""
-        return HEADER_SIZE
+        """Bytes of the header (everything that is not payload): 68, or 60 in version 1."""
+        return HEADER_SIZE_V1 if self.version == 1 else HEADER_SIZE
+
+    @property
+    def payload(self) -> bytes:
+        """The payload bytes in file order: z stream, fix list, y stream."""
+        return self.z_stream + self.fix_stream + self.y_stream
 
     @property
     def payload_size(self) -> int:
-        """Bytes of the payload: z stream + y stream."""
-        return len(self.z_stream) + len(self.y_stream)
+        """Bytes of the payload: z stream + fix list + y stream."""
+        return len(self.z_stream) + len(self.fix_stream) + len(self.y_stream)
 
     @property
     def file_size(self) -> int:
         """Bytes of the whole file."""
-        return HEADER_SIZE + self.payload_size
+        return self.header_size + self.payload_size
 
     def bpp(self, payload_only: bool = False) -> float:
         """Real bits per (original, unpadded) pixel of the file, or of its payload only."""
@@ -122,7 +139,7 @@ class Container:
         """Header fields as display strings, in file order (what ``onedc info`` prints)."""
         return {
             "format_version": str(self.version),
-            "header_bytes": str(HEADER_SIZE),
+            "header_bytes": str(self.header_size),
             "model_id": self.model_id.hex(),
             "height": str(self.height),
             "width": str(self.width),
@@ -133,7 +150,9 @@ class Container:
             "z_bits_per_index": str(self.z_bits),
             "z_bytes": str(len(self.z_stream)),
             "y_bytes": str(len(self.y_stream)),
-            "payload_crc32": f"{zlib.crc32(self.z_stream + self.y_stream):08x}",
+            "fix_bytes": str(len(self.fix_stream)),
+            "symbol_crc32": f"{self.symbol_crc:08x}",
+            "payload_crc32": f"{zlib.crc32(self.payload):08x}",
             "file_bytes": str(self.file_size),
             "bpp": f"{self.bpp():.6f}",
             "payload_bpp": f"{self.bpp(payload_only=True):.6f}",
@@ -166,8 +185,12 @@ def _check_fields(c: Container, error: type[Exception]) -> None:
                         f"{c.z_bits}-bit indices takes {z_stream_size(c.z_height, c.z_width, c.z_bits)}")
     if not 1 <= c.version <= 0xFFFF:
         problems.append(f"format version {c.version} is outside 1..65535")
-    if len(c.y_stream) > 0xFFFFFFFF:
-        problems.append(f"y stream of {len(c.y_stream)} bytes does not fit a u32 length")
+    if len(c.y_stream) > 0xFFFFFFFF or len(c.fix_stream) > 0xFFFFFFFF:
+        problems.append("a stream does not fit a u32 length")
+    if c.version == 1 and c.fix_stream:
+        problems.append("format version 1 has no fix list")
+    elif c.version != 1 and not c.fix_stream:
+        problems.append(f"format version {c.version} needs a fix list (at least its count byte)")
     if problems:
         raise error("invalid .onedc header: " + "; ".join(problems))
 
@@ -177,16 +200,18 @@ def encode_container(container: Container) -> bytes:
 
     The fields are validated with the same rules the reader applies, so a file this function
     writes always reads back; an invalid field raises ``ValueError`` (a caller's bug, not a
-    user's). ``container.version`` is written as given, which lets tests fake a newer file.
+    user's). ``container.version`` is written as given (version 1 in its own layout), which lets
+    tests write old files and fake newer ones.
     """
     _check_fields(container, ValueError)
-    payload = container.z_stream + container.y_stream
-    fields = _FIELDS.pack(
-        MAGIC, container.version, HEADER_SIZE, container.model_id, container.height, container.width,
-        container.pad_bottom, container.pad_right, container.stride, container.z_height,
-        container.z_width, container.z_bits, 0, len(container.z_stream), len(container.y_stream),
-        zlib.crc32(payload),
-    )
+    payload = container.payload
+    c = container
+    common = (MAGIC, c.version, c.header_size, c.model_id, c.height, c.width, c.pad_bottom, c.pad_right,
+              c.stride, c.z_height, c.z_width, c.z_bits, 0, len(c.z_stream), len(c.y_stream))
+    if c.version == 1:
+        fields = _FIELDS_V1.pack(*common, zlib.crc32(payload))
+    else:
+        fields = _FIELDS.pack(*common, len(c.fix_stream), c.symbol_crc, zlib.crc32(payload))
     return fields + _HEADER_CRC.pack(zlib.crc32(fields)) + payload
 
 
@@ -214,32 +239,40 @@ def decode_container(data: bytes, expected_model_id: bytes | None = None) -> Con
     if version == 0:
         raise UnsupportedVersionError("file declares .onedc format version 0, which does not exist: "
                                       "the file is corrupt or was not written by onedc")
-    if len(data) < HEADER_SIZE:
+    layout = _FIELDS_V1 if version == 1 else _FIELDS
+    expected_header = layout.size + _HEADER_CRC.size
+    if len(data) < expected_header:
         raise TruncatedBitstreamError(
-            f"file has only {len(data)} bytes, a .onedc header has {HEADER_SIZE}: the file is truncated")
-    fields = _FIELDS.unpack_from(data)
-    (header_crc,) = _HEADER_CRC.unpack_from(data, _FIELDS.size)
-    actual_header_crc = zlib.crc32(data[: _FIELDS.size])
+            f"file has only {len(data)} bytes, a .onedc header has {expected_header}: the file is truncated")
+    fields = layout.unpack_from(data)
+    (header_crc,) = _HEADER_CRC.unpack_from(data, layout.size)
+    actual_header_crc = zlib.crc32(data[: layout.size])
     if header_crc != actual_header_crc:
         raise ChecksumError(f"header CRC32 mismatch (stored {header_crc:08x}, computed {actual_header_crc:08x}): "
                             "the file header is corrupt")
-    (_, _, header_size, model_id, height, width, pad_bottom, pad_right, stride, z_height, z_width, z_bits,
-     reserved, z_len, y_len, payload_crc) = fields
-    if header_size != HEADER_SIZE or reserved != 0:
-        raise BitstreamError(f"invalid .onedc header: header size {header_size} (expected {HEADER_SIZE}) "
+    if version == 1:
+        (_, _, header_size, model_id, height, width, pad_bottom, pad_right, stride, z_height, z_width, z_bits,
+         reserved, z_len, y_len, payload_crc) = fields
+        fix_len, symbol_crc = 0, 0
+    else:
+        (_, _, header_size, model_id, height, width, pad_bottom, pad_right, stride, z_height, z_width, z_bits,
+         reserved, z_len, y_len, fix_len, symbol_crc, payload_crc) = fields
+    if header_size != expected_header or reserved != 0:
+        raise BitstreamError(f"invalid .onedc header: header size {header_size} (expected {expected_header}) "
                              f"or reserved byte {reserved} (expected 0) do not match format version {version}")
-    end = HEADER_SIZE + z_len + y_len
+    end = expected_header + z_len + fix_len + y_len
     if len(data) < end:
         raise TruncatedBitstreamError(
-            f"file has {len(data)} bytes, its header promises {end} (header {HEADER_SIZE} + z {z_len} + y {y_len}): "
-            "the file is truncated")
+            f"file has {len(data)} bytes, its header promises {end} (header {expected_header} + z {z_len} + "
+            f"fixes {fix_len} + y {y_len}): the file is truncated")
     if len(data) > end:
         raise BitstreamError(f"file has {len(data) - end} bytes after the end of its payload ({end} bytes): "
                              "it is not a single .onedc file")
-    payload = data[HEADER_SIZE:end]
+    payload = data[expected_header:end]
     container = Container(model_id=model_id, height=height, width=width, stride=stride, z_height=z_height,
-                          z_width=z_width, z_bits=z_bits, z_stream=payload[:z_len], y_stream=payload[z_len:],
-                          version=version)
+                          z_width=z_width, z_bits=z_bits, z_stream=payload[:z_len],
+                          fix_stream=payload[z_len:z_len + fix_len], y_stream=payload[z_len + fix_len:],
+                          symbol_crc=symbol_crc, version=version)
     _check_fields(container, BitstreamError)
     if (pad_bottom, pad_right) != (container.pad_bottom, container.pad_right):
         raise BitstreamError(f"invalid .onedc header: padding {pad_bottom}x{pad_right} does not match the "

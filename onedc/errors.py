@@ -52,3 +52,7 @@ class ChecksumError(BitstreamError):
 
 class ModelMismatchError(BitstreamError):
     """The file was written by a different model than the one given for decoding."""
+
+
+class CodingMismatchError(BitstreamError):
+    """The decoder's coding decisions (rANS tables, means) differ from the encoder's."""

@@ -15,10 +15,13 @@ decoder outputs (decoder-side weights, coding tables, FSQ levels, VAE scaling, g
 settings), so a file decoded with another model fails with ``ModelMismatchError`` instead of
 producing a wrong picture.
 
-Exactness: the decoder recomputes the Gaussian parameters of ŷ from ẑ with the same network as
-the encoder, so the rANS tables agree bit for bit when both sides run on the same device type
-(CPU -> CPU is what the tests check). Floating-point differences between device types can change
-a table index and derail decoding; decode on the kind of device that encoded.
+Exactness: the decoder recomputes the integer coding decisions of ŷ (rANS table and mean of
+every symbol) from ẑ with the encoder's network, in float64 outside autocast, and takes the few
+decisions that lie near a boundary from the file's fix list (``onedc.modules.decisions``). A file
+therefore decodes to the same ŷ, bit for bit, on any CPU or GPU, thread count, batch size and
+memory layout, with the rest of the model in bf16 or not; the file's decision checksum turns
+any disagreement into :class:`~onedc.errors.CodingMismatchError`. Format-1 files (float32
+decisions) are still read, on the kind of machine that wrote them.
 """
 from __future__ import annotations
 
@@ -33,7 +36,6 @@ import torch
 from torch import Tensor, nn
 
 from onedc.bitstream import (
-    HEADER_SIZE,
     MAX_PADDED_PIXELS,
     MAX_SIDE,
     MODEL_ID_BYTES,
@@ -41,7 +43,7 @@ from onedc.bitstream import (
     decode_container,
     encode_container,
 )
-from onedc.errors import BitstreamError, CheckpointError, OneDCError
+from onedc.errors import BitstreamError, CheckpointError, CodingMismatchError, OneDCError
 from onedc.io import atomic_write
 from onedc.modules.codec import DecodedLatents, HyperpriorCodec, HyperpriorOutput, pad_to_multiple
 
@@ -372,19 +374,35 @@ class OneDCCodec(nn.Module):
         container with its original size and this model's id.
         """
         padded, size = self._prepare(x)
-        return self._compress_prepared(padded, self.vae.encode(padded), size)
+        return self._compress_prepared(padded, self.vae.encode(padded), size)[0]
 
-    def _compress_prepared(self, padded: Tensor, v: Tensor, size: tuple[int, int]) -> bytes:
-        """Padded image + its VAE latent -> file bytes (shared by compress_image and rate_table)."""
+    @torch.no_grad()
+    def compress_images(self, images: list[Tensor]) -> list[bytes]:
+        """Compress several images of one size (3, H, W) as one batch: one ``.onedc`` file each.
+
+        The files are the ones :meth:`compress_image` writes for each image alone (the coding
+        decisions do not depend on the batch).
+        """
+        if not images:
+            return []
+        prepared = [self._prepare(x) for x in images]
+        sizes = {size for _, size in prepared}
+        if len(sizes) != 1:
+            raise OneDCError(f"compress_images needs images of one size, got {sorted(sizes)}: compress them one by one")
+        padded = torch.cat([p for p, _ in prepared])
+        return self._compress_prepared(padded, self.vae.encode(padded), sizes.pop())
+
+    def _compress_prepared(self, padded: Tensor, v: Tensor, size: tuple[int, int]) -> list[bytes]:
+        """Padded images + their VAE latents -> the bytes of one file per image."""
         height, width = size
         coded = self.codec.compress(padded, v)
-        (y_stream,), (z_stream,) = coded["strings"]
+        y_strings, z_strings = coded["strings"]
         z_height, z_width = coded["shape"]
-        return encode_container(Container(
+        return [encode_container(Container(
             model_id=self.model_id, height=height, width=width, stride=self.codec.downsample,
             z_height=int(z_height), z_width=int(z_width), z_bits=self.codec.fsq.bits_per_index,
-            z_stream=z_stream, y_stream=y_stream,
-        ))
+            z_stream=z_stream, y_stream=y_stream, fix_stream=fixes, symbol_crc=checksum,
+        )) for y_stream, z_stream, fixes, checksum in zip(y_strings, z_strings, coded["fixes"], coded["checksums"])]
 
     @torch.no_grad()
     def decompress_bytes(self, data: bytes, steps: int = 1) -> DecodedImage:
@@ -422,8 +440,12 @@ class OneDCCodec(nn.Module):
         padded_h, padded_w = header.padded_size
         symbols = int(codec.config["y_channels"]) * (padded_h // y_stride) * (padded_w // y_stride)
         y_stream = header.y_stream + bytes(8 * symbols + 64)
+        legacy = header.version == 1  # float32 decisions, no fix list, no checksum
         try:
-            return codec.decompress([[y_stream], [header.z_stream]], (header.z_height, header.z_width))
+            return codec.decompress([[y_stream], [header.z_stream]], (header.z_height, header.z_width),
+                                    fixes=[header.fix_stream], checksums=[header.symbol_crc], legacy=legacy)
+        except CodingMismatchError:
+            raise
         except Exception as err:  # the coder raises ValueError/RuntimeError/IndexError/...: all mean "bad stream"
             raise BitstreamError(
                 f"the entropy decoder rejected the payload ({type(err).__name__}: {err}) although its CRC32 "
@@ -471,7 +493,7 @@ def rate_table(codec: OneDCCodec, paths: Iterable[str | Path]) -> list[dict[str,
     """Real vs. estimated rate of each image in ``paths``: one dict per image.
 
     Real bits come from the ``.onedc`` bytes (whole file, and payload = file minus the
-    60-byte header); the estimate is ``HyperpriorCodec.rate_bits`` of the eval forward pass on
+    68-byte header); the estimate is ``HyperpriorCodec.rate_bits`` of the eval forward pass on
     the same padded image (-Σlog2 p(ŷ) + the fixed z bits). bpp values divide by the original
     (unpadded) pixel count; ``rel_diff`` = (payload bits - estimate) / estimate.
     """
@@ -483,7 +505,7 @@ def rate_table(codec: OneDCCodec, paths: Iterable[str | Path]) -> list[dict[str,
         padded, size = codec._prepare(load_image(path))
         with torch.no_grad():
             v = codec.vae.encode(padded)  # one VAE pass for both: the estimate sees what is coded
-            data = codec._compress_prepared(padded, v, size)
+            data = codec._compress_prepared(padded, v, size)[0]
             out = codec.codec(padded, v)
         header = decode_container(data)
         est_z = float(out.z_bits[0])
@@ -495,9 +517,10 @@ def rate_table(codec: OneDCCodec, paths: Iterable[str | Path]) -> list[dict[str,
             "height": header.height,
             "width": header.width,
             "file_bytes": len(data),
-            "header_bytes": HEADER_SIZE,
+            "header_bytes": header.header_size,
             "z_bytes": len(header.z_stream),
             "y_bytes": len(header.y_stream),
+            "fix_bytes": len(header.fix_stream),
             "real_bits": len(data) * 8,
             "payload_bits": payload_bits,
             "est_bits": est_total,

@@ -30,6 +30,15 @@ from compressai.models.base import CompressionModel
 from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
+from onedc.errors import CodingMismatchError
+from onedc.modules.decisions import (
+    CodingDecisions,
+    apply_fixes,
+    decide,
+    decision_checksum,
+    encode_fixes,
+    float64_call,
+)
 from onedc.modules.fsq import FSQ
 
 # The estimated rate must be the rate of the file. Measured on the 7 sample photos with three
@@ -223,6 +232,16 @@ class HyperpriorCodec(CompressionModel):
         scales, means = self.entropy_parameters(h).chunk(2, dim=1)
         return h, means, scales
 
+    def coding_decisions(self, z_hat: Tensor) -> CodingDecisions:
+        """ẑ -> the integer decisions of every ŷ symbol (μ on its grid, table index of σ).
+
+        The same network as :meth:`hyper_synthesis`, run in float64 outside autocast (see
+        :mod:`onedc.modules.decisions`), so that encoder and decoder agree on any machine.
+        """
+        params = float64_call(self.entropy_parameters, float64_call(self.h_s, z_hat))
+        scales, means = params.chunk(2, dim=1)
+        return decide(means, scales, self.gaussian_conditional.scale_table)
+
     def semantics(self, z_hat: Tensor) -> tuple[Tensor, Tensor]:
         """ẑ -> (semantic map at 1/64, cross-attention tokens (B, L, token_dim))."""
         semantic = self.h_sem(z_hat)
@@ -243,9 +262,13 @@ class HyperpriorCodec(CompressionModel):
         hyper, means, scales = self.hyper_synthesis(z_hat)
         _, y_likelihoods = self.gaussian_conditional(y, scales, means)
         # Decoder input: rounded around μ (mixed quantisation), straight-through in training. In
-        # eval the value is exactly what decompress() rebuilds, bit for bit.
-        y_rounded = torch.round(y - means) + means
-        y_hat = y + (y_rounded - y).detach() if self.training else y_rounded
+        # eval, around the coded μ of the decision path: exactly what decompress() rebuilds.
+        if self.training or self.gaussian_conditional.scale_table.numel() == 0:
+            y_rounded = torch.round(y - means) + means
+            y_hat = y + (y_rounded - y).detach() if self.training else y_rounded
+        else:
+            coded_means = self.coding_decisions(z_hat).means
+            y_hat = (torch.round(y.float() - coded_means) + coded_means).to(y.dtype)
         semantic, tokens = self.semantics(z_hat)
         features, latent_hat = self.synthesis(y_hat, hyper)
         z_bits = torch.full((x.shape[0],), float(self.z_bits_per_image(z_hat.shape[-2:])), device=x.device)
@@ -273,23 +296,42 @@ class HyperpriorCodec(CompressionModel):
 
     @torch.no_grad()
     def compress(self, x: Tensor, v: Tensor) -> dict:
-        """Images (B,3,H,W) + VAE latents -> ``{"strings": [y_strings, z_strings], "shape": (hz, wz)}``."""
+        """Images (B,3,H,W) + VAE latents -> coded streams, one per image.
+
+        Returns ``{"strings": [y_strings, z_strings], "shape": (hz, wz), "fixes": [bytes],
+        "checksums": [int], "y_hat": ŷ}``: the fix list and decision checksum of each image
+        (see :mod:`onedc.modules.decisions`) travel with its streams, and ``y_hat`` is what
+        the decoder will rebuild.
+        """
         if self.gaussian_conditional._offset.numel() == 0:
             raise RuntimeError("call codec.update() before compress(): the CDF tables are not built")
         y, sem = self.analysis(x, v)
         z_hat = self.hyper_analysis(sem)
         indices = self.fsq.codes_to_indices(z_hat).cpu().numpy()
         z_strings = [pack_indices(i, self.fsq.bits_per_index) for i in indices]
-        # Re-derive ẑ from the indices exactly as the decoder will, so both sides compute the same μ, σ.
-        z_hat = self.fsq.indices_to_codes(torch.from_numpy(indices).to(x.device)).to(y.dtype)
-        _, means, scales = self.hyper_synthesis(z_hat)
-        indexes = self.gaussian_conditional.build_indexes(scales)
-        y_strings = self.gaussian_conditional.compress(y, indexes, means=means)
-        return {"strings": [y_strings, z_strings], "shape": tuple(z_hat.shape[-2:])}
+        # Re-derive ẑ from the indices exactly as the decoder will.
+        z_hat = self.fsq.indices_to_codes(torch.from_numpy(indices).to(x.device))
+        decisions = self.coding_decisions(z_hat)
+        means = decisions.means
+        symbols = torch.round(y.float() - means)
+        y_strings = self.gaussian_conditional.compress(symbols + means, decisions.indexes, means=means)
+        fixes = [encode_fixes(decisions.select(i)) for i in range(y.shape[0])]
+        checksums = [decision_checksum(decisions.select(i), symbols[i]) for i in range(y.shape[0])]
+        return {"strings": [y_strings, z_strings], "shape": tuple(z_hat.shape[-2:]), "fixes": fixes,
+                "checksums": checksums, "y_hat": symbols + means}
 
     @torch.no_grad()
-    def decompress(self, strings: list[list[bytes]], shape: Sequence[int]) -> DecodedLatents:
-        """Inverse of :meth:`compress`: byte strings -> ŷ, ẑ and the decoder-side features."""
+    def decompress(self, strings: list[list[bytes]], shape: Sequence[int], fixes: Sequence[bytes] | None = None,
+                   checksums: Sequence[int] | None = None, legacy: bool = False) -> DecodedLatents:
+        """Inverse of :meth:`compress`: byte strings -> ŷ, ẑ and the decoder-side features.
+
+        ``fixes`` and ``checksums`` are what :meth:`compress` returned for each image (without
+        fixes the decoder trusts its own decisions everywhere; without checksums nothing is
+        verified). A decision checksum that does not match raises
+        :class:`~onedc.errors.CodingMismatchError`. ``legacy`` decodes files of container format
+        1, whose decisions came from the model's own precision (float32 or autocast): those only
+        decode on the kind of machine that encoded them.
+        """
         y_strings, z_strings = strings
         hz, wz = int(shape[0]), int(shape[1])
         device = self.to_latent.weight.device
@@ -298,11 +340,38 @@ class HyperpriorCodec(CompressionModel):
             raise ValueError("z stream holds an index outside the FSQ codebook")
         z_hat = self.fsq.indices_to_codes(torch.from_numpy(indices).view(-1, hz, wz).to(device))
         hyper, means, scales = self.hyper_synthesis(z_hat)
-        indexes = self.gaussian_conditional.build_indexes(scales)
-        y_hat = self.gaussian_conditional.decompress(y_strings, indexes, means=means)
+        if legacy:
+            indexes = self.gaussian_conditional.build_indexes(scales)
+            y_hat = self.gaussian_conditional.decompress(y_strings, indexes, means=means)
+        else:
+            y_hat = self._decode_y(y_strings, z_hat, fixes, checksums)
         semantic, tokens = self.semantics(z_hat)
-        features, latent_hat = self.synthesis(y_hat, hyper)
+        features, latent_hat = self.synthesis(y_hat.to(hyper.dtype), hyper)
         return DecodedLatents(y_hat, z_hat, semantic, tokens, features, latent_hat)
+
+    def _decode_y(self, y_strings: Sequence[bytes], z_hat: Tensor, fixes: Sequence[bytes],
+                  checksums: Sequence[int] | None) -> Tensor:
+        """ŷ of each image from its y stream, with the encoder's fixes, checked against its checksum."""
+        fixes = [b"\x00"] * len(y_strings) if fixes is None else fixes
+        if len(fixes) != len(y_strings) or (checksums is not None and len(checksums) != len(y_strings)):
+            raise ValueError("one fix list and one checksum are needed per y stream")
+        decided = self.coding_decisions(z_hat)
+        tables = int(self.gaussian_conditional._offset.numel())
+        images = [apply_fixes(decided.select(i), fixes[i], tables) for i in range(len(y_strings))]
+        decisions = CodingDecisions(*(torch.cat(parts) for parts in zip(*images)))
+        means = decisions.means
+        y_hat = self.gaussian_conditional.decompress(list(y_strings), decisions.indexes, means=means)
+        if checksums is not None:
+            symbols = torch.round(y_hat - means)
+            for i, expected in enumerate(checksums):
+                actual = decision_checksum(decisions.select(i), symbols[i])
+                if actual != expected:
+                    unsure = int((decisions.margin[i] < 1.0).sum())
+                    raise CodingMismatchError(
+                        f"the decoder's coding decisions differ from the encoder's (checksum {actual:08x}, file "
+                        f"{expected:08x}; {unsure} symbols near a boundary without a fix): the model differs from "
+                        "the one that encoded, or this machine computes its float64 decision path wrongly")
+        return y_hat
 
     # ---------------------------------------------------------------- parameters
     def aux_loss(self) -> Tensor:  # type: ignore[override]

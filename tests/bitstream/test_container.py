@@ -40,8 +40,8 @@ def with_crcs(data: bytes) -> bytes:
     """Recompute both CRCs of a (deliberately edited) file, as a forger would."""
     payload = data[HEADER_SIZE:]
     head = bytearray(data[:HEADER_SIZE])
-    head[52:56] = struct.pack("<I", zlib.crc32(payload))
-    head[56:60] = struct.pack("<I", zlib.crc32(bytes(head[:56])))
+    head[60:64] = struct.pack("<I", zlib.crc32(payload))
+    head[64:68] = struct.pack("<I", zlib.crc32(bytes(head[:64])))
     return bytes(head) + payload
 
 
@@ -50,20 +50,33 @@ def test_round_trip_keeps_every_field(container):
     back = decode_container(data, expected_model_id=MODEL_A)
     assert back == container
     assert (back.pad_bottom, back.pad_right, back.padded_size) == (51, 59, (384, 576))
-    assert len(data) == back.file_size == HEADER_SIZE + 95 + 20 == 175
-    assert back.bpp() == pytest.approx(175 * 8 / (333 * 517))
-    assert back.bpp(payload_only=True) == pytest.approx(115 * 8 / (333 * 517))
+    assert len(data) == back.file_size == HEADER_SIZE + 95 + 1 + 20 == 184  # + the empty fix list's count
+    assert back.bpp() == pytest.approx(184 * 8 / (333 * 517))
+    assert back.bpp(payload_only=True) == pytest.approx(116 * 8 / (333 * 517))
 
 
 def test_bytes_sit_where_the_docstring_says(container):
+    container = replace(container, fix_stream=b"\x01\x05\x02\x07", symbol_crc=0xDEADBEEF)
     data = encode_container(container)
-    assert HEADER_SIZE == 60 and data[:4] == MAGIC == b"\x89ODC"
-    assert struct.unpack_from("<HH", data, 4) == (FORMAT_VERSION, 60)
+    assert HEADER_SIZE == 68 and FORMAT_VERSION == 2 and data[:4] == MAGIC == b"\x89ODC"
+    assert struct.unpack_from("<HH", data, 4) == (2, 68)
     assert data[8:24] == MODEL_A
-    assert struct.unpack_from("<IIHHHHHBBIII", data, 24) == (
-        333, 517, 51, 59, 64, 6, 9, 14, 0, 95, 20, zlib.crc32(container.z_stream + container.y_stream))
-    assert struct.unpack_from("<I", data, 56)[0] == zlib.crc32(data[:56])
-    assert data[60:155] == container.z_stream and data[155:] == container.y_stream
+    payload = container.z_stream + container.fix_stream + container.y_stream
+    assert struct.unpack_from("<IIHHHHHBBIIIII", data, 24) == (
+        333, 517, 51, 59, 64, 6, 9, 14, 0, 95, 20, 4, 0xDEADBEEF, zlib.crc32(payload))
+    assert struct.unpack_from("<I", data, 64)[0] == zlib.crc32(data[:64])
+    assert data[68:163] == container.z_stream and data[163:167] == container.fix_stream
+    assert data[167:] == container.y_stream
+
+
+def test_version_1_files_keep_their_60_byte_layout(container):
+    old = replace(container, version=1, fix_stream=b"")
+    data = encode_container(old)
+    assert len(data) == 60 + 95 + 20 and struct.unpack_from("<HH", data, 4) == (1, 60)
+    assert struct.unpack_from("<IIHHHHHBBIII", data, 24)[-1] == zlib.crc32(old.z_stream + old.y_stream)
+    assert decode_container(data) == old
+    with pytest.raises(ValueError, match="version 1 has no fix list"):
+        encode_container(replace(old, fix_stream=b"\x00"))
 
 
 def test_z_stream_size_is_bit_packed():
@@ -75,7 +88,8 @@ def test_describe_lists_header_fields(container):
     fields = container.describe()
     assert fields["model_id"] == MODEL_A.hex()
     assert (fields["height"], fields["width"], fields["z_grid"]) == ("333", "517", "6x9")
-    assert (fields["pad_bottom"], fields["pad_right"], fields["file_bytes"]) == ("51", "59", "175")
+    assert (fields["pad_bottom"], fields["pad_right"], fields["file_bytes"]) == ("51", "59", "184")
+    assert (fields["fix_bytes"], fields["symbol_crc32"]) == ("1", "00000000")
 
 
 def _flip(data: bytes, offset: int) -> bytes:
@@ -146,6 +160,7 @@ def test_forged_stream_lengths_are_checked_against_the_file(container):
     with pytest.raises(TruncatedBitstreamError, match="promises"):
         decode_container(with_crcs(bytes(data)))
     struct.pack_into("<II", data, 44, 96, 19)  # same file length, but z_len off by one vs. the grid
+    struct.pack_into("<I", data, 52, 1)
     with pytest.raises(BitstreamError, match="z stream has 96 bytes"):
         decode_container(with_crcs(bytes(data)))
 

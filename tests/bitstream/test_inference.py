@@ -178,7 +178,8 @@ def test_rate_table_matches_the_files(onedc_codec, photo, tmp_path):
         assert (row["height"], row["width"]) == (h, w)
         assert row["est_z_bits"] == 14 * zh * zw
         assert row["z_bytes"] == math.ceil(row["est_z_bits"] / 8)  # fixed-length z costs exactly its bits
-        assert row["file_bytes"] == HEADER_SIZE + row["z_bytes"] + row["y_bytes"]
+        assert row["fix_bytes"] >= 1  # the fix list's count byte, at least
+        assert row["file_bytes"] == HEADER_SIZE + row["z_bytes"] + row["fix_bytes"] + row["y_bytes"]
         assert row["bpp_file"] == pytest.approx(row["file_bytes"] * 8 / (h * w))
         # Untrained: y is nearly free and rANS adds a fixed 8-byte final state, so the file never
         # undercuts the estimate (trained models land within a few % either side, see rate_table).
