@@ -1,8 +1,6 @@
 """Reference generator (REFERENCE.md §5): full-size layout vs the released key list, float64 x0, LoRA, merge."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -16,8 +14,8 @@ from onedc.modules.reference.generator import (
     module_to_released_keys,
     released_to_module_keys,
 )
+from reference_keylists import read_key_list
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "reference"
 # Small SD-1.5-layout UNet: cross-attention down/up blocks, transformers with conv projections.
 SMALL_UNET = {
     "sample_size": 8, "in_channels": 4, "out_channels": 4,
@@ -27,17 +25,6 @@ SMALL_UNET = {
 }
 # Same LoRA scale as the reference (α/r = 8/64 = 0.125) at a rank that suits the width.
 SMALL = {"unet_config": SMALL_UNET, "gs_channels": 32, "lora_rank": 4, "lora_alpha": 0.5}
-
-
-def read_key_list(name: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """key -> (shape, dtype) of one of the reference key lists (tests/data/reference/*.txt)."""
-    out = {}
-    for line in (DATA / name).read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape, dtype = line.split("\t")
-        out[key] = (tuple(int(s) for s in shape.strip("()").split(",") if s.strip()), dtype)
-    return out
 
 
 @pytest.fixture(scope="module")
