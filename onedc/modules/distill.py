@@ -9,8 +9,11 @@ conditioned on something that already "means" the image::
                                               + mse_weight * MSE(softmax(logits) @ codebook, z_q)
         feature teacher: features (B,C,H,W) -> 1 - cos (or MSE) against the teacher's patch features
 
-The head is dropped after training; only the loss gradient reaching ``sem`` matters. The stage
-multiplies :attr:`DistillOutput.loss` by its distillation weight (w ~ 1e-3 in the paper).
+``head_type="codeformer"`` swaps the transformer head for the paper's Swin head
+(:class:`~onedc.modules.codeformer_head.CodeformerHead`, REFERENCE §9). The head is dropped
+after training; only the loss gradient reaching ``sem`` matters. ``loss_weight`` scales the
+whole term (the reference: 1e-3 · [CE + 0.01 · MSE]); the stage's distillation weight
+multiplies on top.
 """
 from __future__ import annotations
 
@@ -21,18 +24,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from onedc.errors import ConfigError
+from onedc.modules.codeformer_head import CodeformerHead
 from onedc.modules.teachers import TeacherTargets
 
 __all__ = ["DistillOutput", "SemanticDistillLoss", "SemanticPredictorHead", "sincos_pos_embed_2d"]
 
 FEATURE_LOSSES: tuple[str, ...] = ("cosine", "mse")
+HEAD_TYPES: tuple[str, ...] = ("transformer", "codeformer")
 
 
 class DistillOutput(NamedTuple):
     """Terms of the distillation loss for one batch."""
 
     loss: Tensor
-    """Weighted total, without the stage-level distillation weight."""
+    """loss_weight x the weighted terms, without the stage-level distillation weight."""
     ce: Tensor
     """Cross-entropy against the teacher's indices (VQ); 0 for feature teachers."""
     mse: Tensor
@@ -126,8 +131,11 @@ class SemanticDistillLoss(nn.Module):
 
     def __init__(self, in_channels: int, *, teacher_kind: str, target_dim: int,
                  num_codes: int | None = None, hidden: int = 256, depth: int = 2, heads: int = 4,
-                 upsample: int = 2, mse_weight: float = 0.01, feature_loss: str = "cosine") -> None:
+                 upsample: int = 2, mse_weight: float = 0.01, feature_loss: str = "cosine",
+                 head_type: str = "transformer", window: int = 16, loss_weight: float = 1.0) -> None:
         super().__init__()
+        if head_type not in HEAD_TYPES:
+            raise ConfigError(f"unknown distillation head type {head_type!r}; valid: {', '.join(HEAD_TYPES)}")
         if teacher_kind == "vq":
             if not num_codes:
                 raise ConfigError("a vq teacher's distillation loss needs num_codes (codebook size)")
@@ -143,8 +151,15 @@ class SemanticDistillLoss(nn.Module):
         self.num_codes = None if num_codes is None else int(num_codes)
         self.mse_weight = float(mse_weight)
         self.feature_loss = feature_loss
-        self.head = SemanticPredictorHead(in_channels, out_dim, hidden=hidden, depth=depth,
-                                          heads=heads, upsample=upsample)
+        self.loss_weight = float(loss_weight)
+        if head_type == "codeformer":
+            if upsample != 2:
+                raise ConfigError(f"the codeformer head upsamples x2 (pixel shuffle), got upsample={upsample}")
+            self.head: nn.Module = CodeformerHead(in_channels, out_dim, dim=hidden, depth=depth, heads=heads,
+                                                  window=window)
+        else:
+            self.head = SemanticPredictorHead(in_channels, out_dim, hidden=hidden, depth=depth,
+                                              heads=heads, upsample=upsample)
 
     def forward(self, sem: Tensor, targets: TeacherTargets,
                 codebook: Tensor | None = None) -> DistillOutput:
@@ -174,9 +189,9 @@ class SemanticDistillLoss(nn.Module):
         mse = F.mse_loss(soft, targets.latents.float())
         with torch.no_grad():
             accuracy = (logits.argmax(dim=1) == indices).float().mean()
-        return DistillOutput(ce + self.mse_weight * mse, ce, mse, accuracy, logits)
+        return DistillOutput(self.loss_weight * (ce + self.mse_weight * mse), ce, mse, accuracy, logits)
 
     def _feature_loss(self, pred: Tensor, target: Tensor) -> DistillOutput:
         cos = F.cosine_similarity(pred, target, dim=1)
         loss = (1.0 - cos).mean() if self.feature_loss == "cosine" else F.mse_loss(pred, target)
-        return DistillOutput(loss, pred.new_zeros(()), loss, cos.detach().mean(), pred)
+        return DistillOutput(self.loss_weight * loss, pred.new_zeros(()), loss, cos.detach().mean(), pred)

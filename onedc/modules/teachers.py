@@ -5,7 +5,8 @@ the image (design §2). The teacher is swappable; every teacher maps an image in
 a :class:`TeacherTargets` on its own token grid::
 
     x (B,3,H,W) in [-1,1]
-      -> resize by input_scale (antialiased bilinear), teacher-specific normalisation
+      -> resize by input_scale (`resize`: bilinear_antialias | bilinear), map to `input_range`
+         (VQ: what the tokenizer was trained on; feature teachers: [0,1], then mean/std)
       -> VQ tokenizer      : encoder -> quant_conv -> nearest code -> indices (B,h,w), z_q (B,C,h,w)
       -> feature backbone  : ViT patch tokens (prefix tokens dropped)  -> features (B,C,h,w)
 
@@ -30,6 +31,7 @@ import abc
 import hashlib
 import inspect
 import json
+import logging
 import math
 import os
 import secrets
@@ -44,9 +46,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from onedc.errors import ConfigError, OneDCError, WeightsError
+from onedc.modules.state_dict_files import STATE_DICT_SUFFIXES, load_state_dict_file, read_state_dict
+
+log = logging.getLogger("onedc")
 
 __all__ = [
     "QUICK_TRAIN_IMAGES",
+    "RESIZE_METHODS",
     "TEACHER_KINDS",
     "QuickTrainRecipe",
     "Teacher",
@@ -61,12 +67,19 @@ __all__ = [
 
 TEACHER_KINDS: tuple[str, ...] = ("vq", "timm", "transformers")
 
+# How the image is resized to the teacher's input: "bilinear" is plain bilinear (no antialias),
+# what MaskGIT-VQGAN was fed (REFERENCE §8: an antialiased x1/2 changes 3-9 % of its tokens).
+RESIZE_METHODS: tuple[str, ...] = ("bilinear_antialias", "bilinear")
+# The protocol teachers had before it became an option: identities and quick-train cache keys
+# only name a protocol that differs from it, so existing ones stay valid.
+_LEGACY_RANGE = {"vq": (-1.0, 1.0), "feature": (0.0, 1.0)}
+_LEGACY_RESIZE = "bilinear_antialias"
+
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 # Files whose content defines a saved model directory; hashed into the teacher identity.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-_STATE_DICT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 class TeacherTargets(NamedTuple):
@@ -83,7 +96,10 @@ class Teacher(nn.Module, abc.ABC):
 
     Subclasses set up their backbone and implement :meth:`_targets`; this base class owns the
     chores every teacher shares: freezing, staying in eval mode, refusing meta-device use,
-    running in full precision even under autocast, and the ``[-1, 1]`` input contract.
+    running in full precision even under autocast, the ``[-1, 1]`` input contract, and the
+    input protocol: resize method (``resize``, one of :data:`RESIZE_METHODS`) and the value
+    range the backbone expects (``input_range``; None = the kind's historic default, [-1, 1]
+    for VQ and [0, 1] for feature teachers).
     """
 
     kind: str
@@ -91,9 +107,12 @@ class Teacher(nn.Module, abc.ABC):
     num_codes: int | None
     identity: str
     input_scale: float
+    input_range: tuple[float, float]
+    resize: str
 
     def __init__(self, *, kind: str, target_dim: int, num_codes: int | None, identity: str,
-                 input_scale: float) -> None:
+                 input_scale: float, input_range: Sequence[float] | None = None,
+                 resize: str = _LEGACY_RESIZE) -> None:
         super().__init__()
         if not input_scale > 0:
             raise ConfigError(f"teacher input_scale must be > 0, got {input_scale}")
@@ -102,6 +121,18 @@ class Teacher(nn.Module, abc.ABC):
         self.num_codes = None if num_codes is None else int(num_codes)
         self.identity = identity
         self.input_scale = float(input_scale)
+        self.input_range = _check_range(_LEGACY_RANGE[kind] if input_range is None else input_range)
+        if resize not in RESIZE_METHODS:
+            raise ConfigError(f"unknown teacher resize {resize!r}; valid: {', '.join(RESIZE_METHODS)}")
+        self.resize = resize
+
+    def _prepare(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """``x`` in [-1, 1] resized to ``size`` by the teacher's method, then mapped to its range.
+
+        Resizing first, as the reference does (REFERENCE §8); both steps are linear, so the order
+        only changes float rounding.
+        """
+        return _to_range(_resize(x, size, self.resize), self.input_range)
 
     def _freeze(self) -> None:
         """Called by subclasses once all submodules exist."""
@@ -151,7 +182,36 @@ class Teacher(nn.Module, abc.ABC):
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind!r}, target_dim={self.target_dim}, num_codes={self.num_codes}, "
-                f"input_scale={self.input_scale}, identity={self.identity!r}")
+                f"input_scale={self.input_scale}, input_range={self.input_range}, resize={self.resize!r}, "
+                f"identity={self.identity!r}")
+
+
+def _to_range(x: torch.Tensor, input_range: tuple[float, float]) -> torch.Tensor:
+    """``x`` mapped affinely from [-1, 1] to ``input_range`` ([0, 1]: x * 0.5 + 0.5, as in §8)."""
+    low, high = input_range
+    return x if (low, high) == (-1.0, 1.0) else x * ((high - low) / 2) + (high + low) / 2
+
+
+def _check_range(values: Sequence[float]) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in values)
+    except (TypeError, ValueError):
+        low = high = float("nan")
+    if not low < high:
+        raise ConfigError(f"teacher input_range must be [low, high] with low < high, e.g. [0, 1]; got {values!r}")
+    return low, high
+
+
+def protocol_suffix(kind: str, input_range: Sequence[float] | None, resize: str) -> str:
+    """The identity/cache-key suffix of an input protocol; empty for the historic default."""
+    group = "vq" if kind == "vq" else "feature"
+    value = _LEGACY_RANGE[group] if input_range is None else _check_range(input_range)
+    parts = []
+    if tuple(value) != _LEGACY_RANGE[group]:
+        parts.append(f":range={value[0]:g},{value[1]:g}")
+    if resize != _LEGACY_RESIZE:
+        parts.append(f":resize={resize}")
+    return "".join(parts)
 
 
 def _scaled_size(height: int, width: int, scale: float, multiple: int = 1) -> tuple[int, int]:
@@ -161,11 +221,15 @@ def _scaled_size(height: int, width: int, scale: float, multiple: int = 1) -> tu
     return one(height), one(width)
 
 
-def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Antialiased bilinear resize (antialias matters when downsampling: it avoids aliasing)."""
+def _resize(x: torch.Tensor, size: tuple[int, int], method: str = _LEGACY_RESIZE) -> torch.Tensor:
+    """Bilinear resize (align_corners False), antialiased unless ``method`` is plain "bilinear".
+
+    Antialias avoids aliasing when downsampling, but a teacher must see what it was trained on.
+    """
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False,
+                         antialias=method == "bilinear_antialias")
 
 
 class VQTeacher(Teacher):
@@ -186,10 +250,12 @@ class VQTeacher(Teacher):
     """
 
     def __init__(self, model: nn.Module, *, identity: str, input_scale: float = 0.5,
-                 tile_size: int | None = None) -> None:
+                 tile_size: int | None = None, input_range: Sequence[float] | None = None,
+                 resize: str = _LEGACY_RESIZE) -> None:
         quantize = model.quantize
         super().__init__(kind="vq", target_dim=quantize.vq_embed_dim, num_codes=quantize.n_e,
-                         identity=identity, input_scale=input_scale)
+                         identity=identity, input_scale=input_scale, input_range=input_range,
+                         resize=resize)
         self.model = model
         self.stride = _vq_stride(model)
         if tile_size is not None and (tile_size < self.stride or tile_size % self.stride):
@@ -218,7 +284,7 @@ class VQTeacher(Teacher):
         return latents[:, :, :max(1, height // self.stride), :max(1, width // self.stride)]
 
     def _targets(self, x: torch.Tensor) -> TeacherTargets:
-        x = _resize(x, _scaled_size(x.shape[-2], x.shape[-1], self.input_scale))
+        x = self._prepare(x, _scaled_size(x.shape[-2], x.shape[-1], self.input_scale))
         h = self._encode(x)
         batch, _, height, width = h.shape
         _, _, (_, _, indices) = self.model.quantize(h)
@@ -236,20 +302,20 @@ def _vq_stride(model: nn.Module) -> int:
 
 
 class _FeatureTeacher(Teacher):
-    """Shared input handling of the ViT feature teachers: [-1,1] -> [0,1] -> mean/std."""
+    """Shared input handling of the ViT feature teachers: resize, [-1,1] -> input_range -> mean/std."""
 
     def __init__(self, *, target_dim: int, identity: str, input_scale: float,
-                 mean: Sequence[float], std: Sequence[float]) -> None:
+                 mean: Sequence[float], std: Sequence[float], **protocol: Any) -> None:
         super().__init__(kind="feature", target_dim=target_dim, num_codes=None, identity=identity,
-                         input_scale=input_scale)
+                         input_scale=input_scale, **protocol)
         # Non-persistent: the statistics come from the backbone's config, not from checkpoints.
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1),
                              persistent=False)
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1),
                              persistent=False)
 
-    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x + 1.0) * 0.5 - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+    def _normalise(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return (self._prepare(x, size) - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     @staticmethod
     def _tokens_to_grid(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -272,10 +338,10 @@ class TimmFeatureTeacher(_FeatureTeacher):
     a (B, C, h, w) map and are used as is.
     """
 
-    def __init__(self, model: nn.Module, *, identity: str, input_scale: float = 0.5) -> None:
+    def __init__(self, model: nn.Module, *, identity: str, input_scale: float = 0.5, **protocol: Any) -> None:
         cfg = getattr(model, "pretrained_cfg", None) or {}
         super().__init__(target_dim=model.num_features, identity=identity, input_scale=input_scale,
-                         mean=cfg.get("mean", IMAGENET_MEAN), std=cfg.get("std", IMAGENET_STD))
+                         mean=cfg.get("mean", IMAGENET_MEAN), std=cfg.get("std", IMAGENET_STD), **protocol)
         self.model = model
         self._freeze()
 
@@ -289,7 +355,7 @@ class TimmFeatureTeacher(_FeatureTeacher):
 
     def _targets(self, x: torch.Tensor) -> TeacherTargets:
         size = self._input_size(x.shape[-2], x.shape[-1])
-        feats = self.model.forward_features(self._normalise(_resize(x, size)))
+        feats = self.model.forward_features(self._normalise(x, size))
         if feats.ndim == 4:
             return TeacherTargets(None, feats)
         patch = self.model.patch_embed.patch_size
@@ -307,9 +373,9 @@ class TransformersFeatureTeacher(_FeatureTeacher):
 
     def __init__(self, model: nn.Module, *, identity: str, input_scale: float = 0.5,
                  mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD) -> None:
+                 std: Sequence[float] = IMAGENET_STD, **protocol: Any) -> None:
         super().__init__(target_dim=model.config.hidden_size, identity=identity,
-                         input_scale=input_scale, mean=mean, std=std)
+                         input_scale=input_scale, mean=mean, std=std, **protocol)
         self.model = model
         patch = model.config.patch_size
         self.patch_size: tuple[int, int] = tuple(patch) if isinstance(patch, Sequence) else (patch, patch)
@@ -321,7 +387,7 @@ class TransformersFeatureTeacher(_FeatureTeacher):
         height = _scaled_size(x.shape[-2], x.shape[-1], self.input_scale, multiple=ph)[0]
         width = _scaled_size(x.shape[-2], x.shape[-1], self.input_scale, multiple=pw)[1]
         kwargs = {"interpolate_pos_encoding": True} if self._interpolate else {}
-        out = self.model(pixel_values=self._normalise(_resize(x, (height, width))), **kwargs)
+        out = self.model(pixel_values=self._normalise(x, (height, width)), **kwargs)
         return TeacherTargets(None, self._tokens_to_grid(out.last_hidden_state, height // ph, width // pw))
 
 
@@ -519,8 +585,9 @@ def _read_rgb(path: Path) -> torch.Tensor:
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1) / 127.5 - 1.0
 
 
-def _quick_train_images(names: Sequence[str], scale: float, crop: int) -> list[torch.Tensor]:
-    """The recipe's images, resized by the teacher's ``input_scale`` exactly as targets() does."""
+def _quick_train_images(names: Sequence[str], scale: float, crop: int, input_range: tuple[float, float],
+                        resize: str) -> list[torch.Tensor]:
+    """The recipe's images, resized and ranged by the teacher's protocol exactly as targets() does."""
     skimage_dir = None
     images = []
     for name in names:
@@ -538,7 +605,8 @@ def _quick_train_images(names: Sequence[str], scale: float, crop: int) -> list[t
             raise ConfigError(f"quick_train image {name!r} not found (neither a file nor in "
                               f"{skimage_dir}): give a path or a scikit-image data file name")
         image = _read_rgb(path)[None]
-        image = _resize(image, _scaled_size(image.shape[-2], image.shape[-1], scale))[0]
+        image = _to_range(_resize(image, _scaled_size(image.shape[-2], image.shape[-1], scale), resize),
+                          input_range)[0]
         if min(image.shape[-2:]) < crop:
             raise ConfigError(f"quick_train image {path} is {tuple(image.shape[-2:])} px at input_scale "
                               f"{scale:g}, smaller than the {crop} px training crop")
@@ -562,8 +630,12 @@ def _random_crops(images: Sequence[torch.Tensor], count: int, size: int,
 
 
 def quick_train_vq(model: nn.Module, recipe: QuickTrainRecipe, *, seed: int, input_scale: float,
-                   tile_size: int | None = None) -> None:
+                   tile_size: int | None = None, input_range: Sequence[float] | None = None,
+                   resize: str = _LEGACY_RESIZE) -> None:
     """Train a diffusers ``VQModel`` in place with ``recipe`` (see :class:`QuickTrainRecipe`).
+
+    The training crops follow the teacher's input protocol (``input_range``, None = [-1, 1],
+    and ``resize``), so the trained encoder sees what the teacher will feed it.
 
     Deterministic from ``seed``; the caller's RNG, thread count and grad mode are left as they
     were. The model ends frozen in eval mode.
@@ -573,7 +645,8 @@ def quick_train_vq(model: nn.Module, recipe: QuickTrainRecipe, *, seed: int, inp
     if crop % stride or recipe.readout < 1 or stride % recipe.readout:
         raise ConfigError(f"quick_train crop {crop} must be a multiple of the tokenizer's stride "
                           f"{stride}, and readout {recipe.readout} must divide it")
-    images = _quick_train_images(recipe.images, input_scale, crop)
+    value_range = _LEGACY_RANGE["vq"] if input_range is None else _check_range(input_range)
+    images = _quick_train_images(recipe.images, input_scale, crop, value_range, resize)
     channels = model.quantize.vq_embed_dim
     threads = torch.get_num_threads()
     try:
@@ -611,7 +684,7 @@ def quick_train_vq(model: nn.Module, recipe: QuickTrainRecipe, *, seed: int, inp
 
 
 def _quick_trained_vq_dir(config: dict, seed: int, input_scale: float, tile_size: int | None,
-                          recipe: QuickTrainRecipe) -> Path:
+                          recipe: QuickTrainRecipe, protocol: dict[str, Any]) -> Path:
     """The cached diffusers directory of a quick-trained VQModel; trains it on a cache miss.
 
     The cache key hashes everything the weights depend on (VQModel kwargs, seed, input_scale,
@@ -623,13 +696,16 @@ def _quick_trained_vq_dir(config: dict, seed: int, input_scale: float, tile_size
 
     spec = {"version": _QUICK_TRAIN_VERSION, "config": config, "seed": seed,
             "input_scale": input_scale, "tile_size": tile_size, "recipe": asdict(recipe)}
+    suffix = protocol_suffix("vq", **protocol)
+    if suffix:  # only a non-default protocol enters the key: existing caches stay valid
+        spec["protocol"] = suffix
     key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
     root = teacher_cache_dir()
     final = root / f"vq-{key}"
     if (final / "config.json").is_file():
         return final
     model = _build_random(lambda: VQModel(**config), seed, meta=False)
-    quick_train_vq(model, recipe, seed=seed, input_scale=input_scale, tile_size=tile_size)
+    quick_train_vq(model, recipe, seed=seed, input_scale=input_scale, tile_size=tile_size, **protocol)
     # Same naming and umask-respecting mode as onedc.io's atomic file writes, for a directory.
     staging = root / f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
@@ -668,45 +744,24 @@ def _check_path(path: Path, expected: str) -> None:
         raise WeightsError(f"teacher weights not found at {path}: expected {expected}")
 
 
-def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    # Training checkpoints nest the weights; plain state-dict files do not.
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise WeightsError(f"{path} does not hold a state dict (found {type(state).__name__})")
-    return state
-
-
-def _key_report(missing: Sequence[str], unexpected: Sequence[str], limit: int = 8) -> str:
-    def names(keys: Sequence[str]) -> str:
-        shown = ", ".join(keys[:limit])
-        return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
-    parts = []
-    if missing:
-        parts.append(f"missing keys: {names(list(missing))}")
-    if unexpected:
-        parts.append(f"unexpected keys: {names(list(unexpected))}")
-    return "; ".join(parts)
-
-
-_VQ_FORMAT = ("a diffusers VQModel directory (config.json + diffusion_pytorch_model.safetensors) or "
-              "a .safetensors/.bin/.pt state-dict file of the VQModel described by `config`")
+_VQ_FORMAT = ("a diffusers VQModel directory (config.json + diffusion_pytorch_model.safetensors), "
+              "a .safetensors/.bin/.pt state-dict file of the VQModel described by `config`, or the "
+              "original MaskGIT-VQGAN .bin (converted on load; `onedc import-reference --tokenizer` "
+              "converts it once)")
 
 
 def _build_vq(pretrained: str | None, config: dict | None, seed: int, input_scale: float,
               meta: bool, tile_size: int | None = None,
-              quick_train: QuickTrainRecipe | None = None) -> VQTeacher:
+              quick_train: QuickTrainRecipe | None = None,
+              protocol: dict[str, Any] | None = None) -> VQTeacher:
     from diffusers import VQModel
+
+    protocol = protocol or {}
 
     def teacher(model: nn.Module, identity: str) -> VQTeacher:
         if tile_size is not None and not identity.endswith(":meta"):
             identity += f":tile={tile_size}"
-        return VQTeacher(model, identity=identity, input_scale=input_scale, tile_size=tile_size)
+        return VQTeacher(model, identity=identity, input_scale=input_scale, tile_size=tile_size, **protocol)
 
     def from_config() -> nn.Module:
         if config is None:
@@ -719,7 +774,7 @@ def _build_vq(pretrained: str | None, config: dict | None, seed: int, input_scal
 
     if pretrained is None and quick_train is not None and not meta:
         teacher(_build_random(from_config, seed, meta=True), "check")  # bad options fail before training
-        path = _quick_trained_vq_dir(config, seed, input_scale, tile_size, quick_train)
+        path = _quick_trained_vq_dir(config, seed, input_scale, tile_size, quick_train, protocol)
         # Loaded back with the real loader, so a cold and a cached build give the same model;
         # the identity is the weights' content hash, as for any pretrained directory.
         try:
@@ -749,27 +804,26 @@ def _build_vq(pretrained: str | None, config: dict | None, seed: int, input_scal
                 model = VQModel.from_pretrained(str(path))
         except Exception as err:
             raise WeightsError(f"cannot load VQModel from {path} ({err}): expected {_VQ_FORMAT}") from err
-    elif path.suffix not in _STATE_DICT_SUFFIXES:
+    elif path.suffix not in STATE_DICT_SUFFIXES:
         raise WeightsError(f"teacher weights {path} have an unknown suffix: expected {_VQ_FORMAT}")
     elif meta:
         model = _build_random(from_config, seed, meta=True)
     else:
-        try:
-            state = _load_state_dict_file(path)
-        except OneDCError:
-            raise
-        except Exception as err:
-            raise WeightsError(f"cannot read {path} ({err}): expected {_VQ_FORMAT}") from err
-        model = from_config()
-        result = model.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise WeightsError(f"{path} does not fit the VQModel of `config`: "
-                               f"{_key_report(result.missing_keys, result.unexpected_keys)}")
+        from onedc.modules.maskgit import is_maskgit_state_dict, maskgit_vqmodel
+
+        state = read_state_dict(path, expected=_VQ_FORMAT)
+        if is_maskgit_state_dict(state):
+            log.info("tokenizer %s is a MaskGIT-VQGAN state dict: converting it to a diffusers VQModel "
+                     "(REFERENCE §8); `onedc import-reference --tokenizer %s -o DIR` does this once", path, path)
+            model = maskgit_vqmodel(state, path=path)
+        else:
+            model = load_state_dict_file(_build_random(from_config, seed, meta=True), path,
+                                         what="the VQModel of `config`", expected=_VQ_FORMAT, state=state)
     return teacher(model, "VQTeacher:meta" if meta else _weights_identity(VQTeacher, path, input_scale))
 
 
 def _build_timm(pretrained: str | None, model_name: str | None, model_kwargs: dict | None,
-                seed: int, input_scale: float, meta: bool) -> TimmFeatureTeacher:
+                seed: int, input_scale: float, meta: bool, protocol: dict[str, Any]) -> TimmFeatureTeacher:
     import timm
 
     if not model_name:
@@ -798,7 +852,7 @@ def _build_timm(pretrained: str | None, model_name: str | None, model_kwargs: di
         model = _build_random(lambda: make(None), seed, meta)
         identity = ("TimmFeatureTeacher:meta" if meta else _random_identity(
             TimmFeatureTeacher, {"model_name": model_name, "model_kwargs": kwargs}, seed, input_scale))
-        return TimmFeatureTeacher(model, identity=identity, input_scale=input_scale)
+        return TimmFeatureTeacher(model, identity=identity, input_scale=input_scale, **protocol)
 
     path = Path(pretrained)
     _check_path(path, expected)
@@ -806,7 +860,7 @@ def _build_timm(pretrained: str | None, model_name: str | None, model_kwargs: di
         raise WeightsError(f"teacher weights {path} is not a file: expected {expected}")
     model = make(path)
     return TimmFeatureTeacher(model, identity=_weights_identity(TimmFeatureTeacher, path, input_scale),
-                              input_scale=input_scale)
+                              input_scale=input_scale, **protocol)
 
 
 def _processor_stats(path: Path) -> tuple[Sequence[float], Sequence[float]]:
@@ -820,7 +874,7 @@ def _processor_stats(path: Path) -> tuple[Sequence[float], Sequence[float]]:
 
 
 def _build_transformers(pretrained: str | None, config: dict | None, seed: int,
-                        input_scale: float, meta: bool) -> TransformersFeatureTeacher:
+                        input_scale: float, meta: bool, protocol: dict[str, Any]) -> TransformersFeatureTeacher:
     from transformers import AutoConfig, AutoModel
 
     expected = "a transformers model directory (config.json + model.safetensors), e.g. a saved DINOv2"
@@ -835,7 +889,7 @@ def _build_transformers(pretrained: str | None, config: dict | None, seed: int,
         model = _build_random(lambda: AutoModel.from_config(model_config), seed, meta)
         identity = ("TransformersFeatureTeacher:meta" if meta else _random_identity(
             TransformersFeatureTeacher, {"config": config}, seed, input_scale))
-        return TransformersFeatureTeacher(model, identity=identity, input_scale=input_scale)
+        return TransformersFeatureTeacher(model, identity=identity, input_scale=input_scale, **protocol)
 
     path = Path(pretrained)
     _check_path(path, expected)
@@ -853,25 +907,29 @@ def _build_transformers(pretrained: str | None, config: dict | None, seed: int,
     mean, std = _processor_stats(path)
     return TransformersFeatureTeacher(
         model, identity=_weights_identity(TransformersFeatureTeacher, path, input_scale),
-        input_scale=input_scale, mean=mean, std=std)
+        input_scale=input_scale, mean=mean, std=std, **protocol)
 
 
 def build_teacher(kind: str, *, pretrained: str | None = None, config: dict | None = None,
                   model_name: str | None = None, model_kwargs: dict | None = None, seed: int = 0,
                   input_scale: float = 0.5, allow_random: bool = True,
                   tile_size: int | None = None, quick_train: dict[str, Any] | None = None,
+                  input_range: Sequence[float] | None = None, resize: str = _LEGACY_RESIZE,
                   device: str | torch.device | None = None) -> Teacher:
     """Build a frozen teacher of ``kind`` ("vq", "timm" or "transformers") from plain options.
 
     The options are those of a ``configs/tokenizer/*.yaml`` file. ``pretrained`` is a local path
-    (VQ: diffusers VQModel dir or state-dict file of the VQModel in ``config``; timm: weights
-    file for ``model_name``; transformers: saved model dir); ``None`` builds random weights,
+    (VQ: diffusers VQModel dir, state-dict file of the VQModel in ``config``, or the original
+    MaskGIT-VQGAN ``.bin``, converted on load; timm: weights file for ``model_name``;
+    transformers: saved model dir); ``None`` builds random weights,
     deterministically from ``seed`` and without touching the global RNG, and is refused when
     ``allow_random`` is False. VQ only: ``tile_size`` encodes the image in independent tiles
     (see :class:`VQTeacher`), and ``quick_train`` (options of :class:`QuickTrainRecipe`) trains
     such a random tokenizer briefly so its codes describe image content like a real tokenizer's;
     the result is cached under :func:`teacher_cache_dir` and its identity is its weights' content
-    hash. ``device="meta"`` builds the architecture only, for counting
+    hash. ``input_range`` (None = [-1, 1] for VQ, [0, 1] for feature teachers) and ``resize``
+    (:data:`RESIZE_METHODS`) are the input protocol; a non-default one is part of the identity.
+    ``device="meta"`` builds the architecture only, for counting
     parameters of full-size presets; such a teacher cannot compute targets. Bad options raise
     :class:`ConfigError`, missing or unfitting weights :class:`WeightsError`.
     """
@@ -891,14 +949,18 @@ def build_teacher(kind: str, *, pretrained: str | None = None, config: dict | No
                            f"not allowed here: set tokenizer.pretrained=/path/to/weights "
                            f"({'a model dir' if kind != 'timm' else 'a weights file'})")
     pretrained = None if pretrained is None else str(Path(pretrained).expanduser())
+    protocol = {"input_range": None if input_range is None else _check_range(input_range),
+                "resize": str(resize)}
     if kind == "vq":
         recipe = None if quick_train is None else QuickTrainRecipe.from_options(dict(quick_train))
         tile = None if tile_size is None else int(tile_size)
-        teacher: Teacher = _build_vq(pretrained, config, seed, input_scale, meta, tile, recipe)
+        teacher: Teacher = _build_vq(pretrained, config, seed, input_scale, meta, tile, recipe, protocol)
     elif kind == "timm":
-        teacher = _build_timm(pretrained, model_name, model_kwargs, seed, input_scale, meta)
+        teacher = _build_timm(pretrained, model_name, model_kwargs, seed, input_scale, meta, protocol)
     else:
-        teacher = _build_transformers(pretrained, config, seed, input_scale, meta)
+        teacher = _build_transformers(pretrained, config, seed, input_scale, meta, protocol)
+    if not meta:  # the same weights fed differently give other targets: another teacher
+        teacher.identity += protocol_suffix(teacher.kind, input_range, teacher.resize)
     if device is not None and not meta:
         teacher = teacher.to(device)
     return teacher
