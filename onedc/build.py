@@ -66,7 +66,7 @@ def teacher_kwargs(tokenizer_cfg: DictConfig) -> dict[str, Any]:
         "seed": int(cfg.get("seed", 0)),
         "input_scale": float(cfg.get("input_scale", 1.0)),
     }
-    for key in ("config", "model_name", "model_kwargs", "tile_size", "quick_train"):
+    for key in ("config", "model_name", "model_kwargs", "tile_size", "quick_train", "input_range", "resize"):
         if cfg.get(key) is not None:
             kwargs[key] = cfg[key]
     return kwargs
@@ -85,7 +85,10 @@ def build_distill_loss(tokenizer_cfg: DictConfig, model_cfg: DictConfig, teacher
 
     head = to_dict(tokenizer_cfg.head)
     kwargs: dict[str, Any] = dict(hidden=int(head.get("hidden", 256)), depth=int(head.get("depth", 2)),
-                                  heads=int(head.get("heads", 4)))
+                                  heads=int(head.get("heads", 4)), head_type=str(head.get("type", "transformer")),
+                                  loss_weight=float(head.get("loss_weight", 1.0)))
+    if "window" in head:
+        kwargs["window"] = int(head["window"])
     if teacher.kind == "vq":
         kwargs["mse_weight"] = float(head.get("mse_weight", 0.01))
     else:
