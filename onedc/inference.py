@@ -377,32 +377,35 @@ class OneDCCodec(nn.Module):
         return self._compress_prepared(padded, self.vae.encode(padded), size)[0]
 
     @torch.no_grad()
-    def compress_images(self, images: list[Tensor]) -> list[bytes]:
+    def compress_images(self, images: list[Tensor], return_y_hat: bool = False) -> list[bytes] | tuple[list[bytes], Tensor]:
         """Compress several images of one size (3, H, W) as one batch: one ``.onedc`` file each.
 
-        The files are the ones :meth:`compress_image` writes for each image alone (the coding
-        decisions do not depend on the batch).
+        The files decode like the ones :meth:`compress_image` writes (the coding decisions do not
+        depend on the batch). ``return_y_hat`` also returns the encoder's ŷ (B, M, h, w): what
+        every decoder must rebuild, bit for bit.
         """
         if not images:
-            return []
+            return ([], torch.empty(0)) if return_y_hat else []
         prepared = [self._prepare(x) for x in images]
         sizes = {size for _, size in prepared}
         if len(sizes) != 1:
             raise OneDCError(f"compress_images needs images of one size, got {sorted(sizes)}: compress them one by one")
         padded = torch.cat([p for p, _ in prepared])
-        return self._compress_prepared(padded, self.vae.encode(padded), sizes.pop())
+        files, y_hat = self._compress_prepared(padded, self.vae.encode(padded), sizes.pop(), with_y_hat=True)
+        return (files, y_hat) if return_y_hat else files
 
-    def _compress_prepared(self, padded: Tensor, v: Tensor, size: tuple[int, int]) -> list[bytes]:
-        """Padded images + their VAE latents -> the bytes of one file per image."""
+    def _compress_prepared(self, padded: Tensor, v: Tensor, size: tuple[int, int], with_y_hat: bool = False):
+        """Padded images + their VAE latents -> the bytes of one file per image (and ŷ)."""
         height, width = size
         coded = self.codec.compress(padded, v)
         y_strings, z_strings = coded["strings"]
         z_height, z_width = coded["shape"]
-        return [encode_container(Container(
+        files = [encode_container(Container(
             model_id=self.model_id, height=height, width=width, stride=self.codec.downsample,
             z_height=int(z_height), z_width=int(z_width), z_bits=self.codec.fsq.bits_per_index,
             z_stream=z_stream, y_stream=y_stream, fix_stream=fixes, symbol_crc=checksum,
         )) for y_stream, z_stream, fixes, checksum in zip(y_strings, z_strings, coded["fixes"], coded["checksums"])]
+        return (files, coded["y_hat"]) if with_y_hat else files
 
     @torch.no_grad()
     def decompress_bytes(self, data: bytes, steps: int = 1) -> DecodedImage:
