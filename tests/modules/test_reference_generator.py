@@ -157,3 +157,12 @@ def test_merged_lora_gives_the_same_generator_without_adapters(small):
     scale = unmerged.abs().max()
     assert (folded - unmerged).abs().max() < 1e-5 * scale  # measured 3.5e-7
     assert (base_only - unmerged).abs().max() > 3e-3 * scale  # the LoRA changes the output (measured 1.5e-2)
+
+
+def test_one_step_ddim_baseline_equals_the_forward_and_more_steps_run(small):
+    features, tokens = _inputs()
+    with torch.no_grad():
+        one = small(features, tokens)
+        assert (small.multi_step(features, tokens, steps=1) - one).abs().max() < 1e-5 * one.abs().max()
+        assert small.baseline_schedule(4)[1] == [999, 749, 499, 249]
+        assert torch.isfinite(small.multi_step(features, tokens, steps=4)).all()

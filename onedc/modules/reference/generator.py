@@ -144,12 +144,14 @@ class ReferenceGenerator(OneStepGenerator):
 
 def build_reference_generator(*, unet_config: Mapping[str, Any] | None = None, gs_channels: int = 320,
                               lora: bool = True, lora_rank: int = LORA_RANK, lora_alpha: float = LORA_ALPHA,
-                              seed: int = 0, device: str | torch.device | None = None) -> ReferenceGenerator:
+                              seed: int = 0, gradient_checkpointing: bool = False,
+                              device: str | torch.device | None = None) -> ReferenceGenerator:
     """Build the §5 generator with random weights (the released file supplies real ones).
 
     ``unet_config`` (diffusers kwargs) defaults to :data:`SD15_UNET_CONFIG`; a smaller one keeps
     the layout for tests. Weights are drawn from ``seed`` in a forked RNG (the global RNG is
     untouched); ``device="meta"`` builds shapes only (parameter counts, key lists).
+    ``gradient_checkpointing`` recomputes UNet activations in backward (training).
     """
     from diffusers import UNet2DConditionModel
 
@@ -166,6 +168,8 @@ def build_reference_generator(*, unet_config: Mapping[str, Any] | None = None, g
             unet = UNet2DConditionModel(**config)
             generator = ReferenceGenerator(unet, gs_channels=gs_channels, lora=lora, lora_rank=lora_rank,
                                            lora_alpha=lora_alpha)
+    if gradient_checkpointing:
+        generator.enable_gradient_checkpointing(True)
     if device is not None and not meta:
         generator.to(device)
     return generator
