@@ -166,3 +166,13 @@ def test_one_step_ddim_baseline_equals_the_forward_and_more_steps_run(small):
         assert (small.multi_step(features, tokens, steps=1) - one).abs().max() < 1e-5 * one.abs().max()
         assert small.baseline_schedule(4)[1] == [999, 749, 499, 249]
         assert torch.isfinite(small.multi_step(features, tokens, steps=4)).all()
+
+
+def test_a_meta_build_takes_loaded_weights_and_runs(small):
+    # The importer's path for the 3.7 GB file: no random init, weights assigned, ᾱ real.
+    meta = build_reference_generator(device="meta", **SMALL)
+    assert meta.alphas_cumprod.device.type == "cpu"
+    meta.load_state_dict(small.state_dict(), strict=True, assign=True)
+    features, tokens = _inputs()
+    with torch.no_grad():
+        assert torch.equal(meta.eval()(features, tokens), small(features, tokens))

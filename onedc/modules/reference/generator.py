@@ -112,13 +112,20 @@ class ReferenceGenerator(OneStepGenerator):
     def __init__(self, unet: nn.Module, *, gs_channels: int = 320, lora: bool = True,
                  lora_rank: int = LORA_RANK, lora_alpha: float = LORA_ALPHA,
                  scheduler_config: Mapping[str, Any] | None = None) -> None:
-        super().__init__(unet, gs_channels=gs_channels, scheduler_config=scheduler_config or SD15_SCHEDULER_CONFIG,
-                         timestep=REFERENCE_TIMESTEP, prediction_type="epsilon")
+        schedule = dict(scheduler_config or SD15_SCHEDULER_CONFIG)
+        super().__init__(unet, gs_channels=gs_channels, scheduler_config=schedule, timestep=REFERENCE_TIMESTEP,
+                         prediction_type="epsilon")
         weight = unet.conv_in.weight
         groups = int(unet.config.norm_num_groups)
         self.to_xt = VAEReduction(gs_channels, self.latent_channels, groups).to(device=weight.device,
                                                                                dtype=weight.dtype)
-        self.lora_scale = float(lora_alpha) / float(lora_rank) if lora else 0.0
+        # ᾱ is derived, not loaded: keep it real even when built on the meta device, so a meta
+        # build that takes its weights by load_state_dict(assign=True) runs without a fix-up.
+        from diffusers import DDPMScheduler
+
+        with torch.device("cpu"):
+            alphas = DDPMScheduler(**schedule).alphas_cumprod.to(torch.float32)
+        self.register_buffer("alphas_cumprod", alphas.clone(), persistent=False)
         if lora:
             self.add_reference_lora(lora_rank, lora_alpha)
 

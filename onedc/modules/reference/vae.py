@@ -153,15 +153,16 @@ class ReferenceVAE(FrozenVAE):
 
 
 def build_reference_vae(*, pretrained: str | None = None, config: dict[str, Any] | None = None, seed: int = 0,
-                        window: int | None = ATTENTION_WINDOW, posterior: str = "mean",
-                        device: str | torch.device | None = None) -> ReferenceVAE:
+                        scaling_factor: float | None = None, window: int | None = ATTENTION_WINDOW,
+                        posterior: str = "mean", device: str | torch.device | None = None) -> ReferenceVAE:
     """The §6 VAE from a local diffusers ``AutoencoderKL`` dir, or random weights of ``config``.
 
     ``config`` defaults to :data:`SD21_VAE_CONFIG` when no ``pretrained`` dir is given; loading
-    and errors are :func:`onedc.modules.vae.build_vae`'s. ``window=None`` keeps global attention.
+    and errors are :func:`onedc.modules.vae.build_vae`'s. ``scaling_factor`` overrides the
+    config's (0.18215 for SD-2.1). ``window=None`` keeps global attention.
     """
     if pretrained is None and config is None:
         config = SD21_VAE_CONFIG
-    frozen = build_vae(pretrained=pretrained, config=config, seed=seed, device=device)
+    frozen = build_vae(pretrained=pretrained, config=config, seed=seed, scaling_factor=scaling_factor, device=device)
     vae = ReferenceVAE(frozen.autoencoder, frozen.scaling_factor, window=window, posterior=posterior)
     return vae
