@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.rate:
         from onedc.inference import format_rate_table, rate_table
 
-        print("\nrate: payload = file - 60-byte header; est = -sum log2 p(y) + z bits; diff = payload vs est")
+        print("\nrate: payload = file - 68-byte header; est = -sum log2 p(y) + z bits; diff = payload vs est")
         print(format_rate_table(rate_table(bundle, [path for _, path in photos])))
 
 
