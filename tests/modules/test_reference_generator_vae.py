@@ -106,3 +106,16 @@ def test_encode_gives_the_posterior_mean_by_default_and_samples_on_request(pair)
     assert not torch.equal(sampling.encode(x), sampling.encode(x))
     with pytest.raises(ValueError, match="posterior"):
         build_reference_vae(config=SMALL_VAE, posterior="mode")
+
+
+def test_encode_and_decode_stay_float32_inside_a_bf16_autocast(pair):
+    windowed, _ = pair
+    x = _image(32)
+    plain = windowed.encode(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = windowed.encode(x)
+        with torch.no_grad():
+            image = windowed.decode(inside)
+    assert torch.equal(inside, plain) and image.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(image, windowed.decode(plain))

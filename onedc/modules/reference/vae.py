@@ -126,7 +126,7 @@ class ReferenceVAE(FrozenVAE):
     ``posterior="mean"`` (default) encodes deterministically, which exact decoding needs;
     ``"sample"`` draws mean + exp(½·clamp(logvar, −30, 20))·N(0, 1) like the reference's
     inference (from the global RNG unless a ``generator`` is given). Encode and decode run in
-    float32 without autocast, as in the reference (§5.4).
+    float32 with autocast switched off, as in the reference (§5.4).
     """
 
     def __init__(self, autoencoder: nn.Module, scaling_factor: float | None = None,
@@ -142,14 +142,16 @@ class ReferenceVAE(FrozenVAE):
     @torch.no_grad()
     def encode(self, x: Tensor, sample: bool | None = None, generator: torch.Generator | None = None) -> Tensor:
         """Image (B,3,H,W) in [-1,1] -> scaled latent (B,4,H/8,W/8): posterior mean, or a sample."""
-        posterior = self.autoencoder.encode(x.float()).latent_dist
+        with torch.autocast(x.device.type, enabled=False):  # fp32 even inside a caller's autocast
+            posterior = self.autoencoder.encode(x.float()).latent_dist
         draw = self.posterior == "sample" if sample is None else bool(sample)
         latent = posterior.sample(generator=generator) if draw else posterior.mean
         return latent.float() * self.scaling_factor
 
     def decode(self, v: Tensor) -> Tensor:
         """Scaled latent -> image in [-1,1] (unclamped), float32. Differentiable w.r.t. ``v``."""
-        return self.autoencoder.decode(v.float() / self.scaling_factor).sample.float()
+        with torch.autocast(v.device.type, enabled=False):
+            return self.autoencoder.decode(v.float() / self.scaling_factor).sample.float()
 
 
 def build_reference_vae(*, pretrained: str | None = None, config: dict[str, Any] | None = None, seed: int = 0,
