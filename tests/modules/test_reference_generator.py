@@ -14,15 +14,8 @@ from onedc.modules.reference.generator import (
     module_to_released_keys,
     released_to_module_keys,
 )
-from reference_keylists import read_key_list
+from reference_testdata import SMALL_UNET, read_key_list
 
-# Small SD-1.5-layout UNet: cross-attention down/up blocks, transformers with conv projections.
-SMALL_UNET = {
-    "sample_size": 8, "in_channels": 4, "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8,
-    "cross_attention_dim": 16, "attention_head_dim": 2,
-}
 # Same LoRA scale as the reference (α/r = 8/64 = 0.125) at a rank that suits the width.
 SMALL = {"unet_config": SMALL_UNET, "gs_channels": 32, "lora_rank": 4, "lora_alpha": 0.5}
 

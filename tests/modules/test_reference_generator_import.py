@@ -22,9 +22,7 @@ from onedc.reference_import import (
     save_released_checkpoint,
     vae_shapes,
 )
-from reference_keylists import read_key_list
-from test_reference_generator import SMALL_UNET
-from test_reference_generator_vae import SMALL_VAE
+from reference_testdata import SMALL_UNET, SMALL_VAE, read_key_list
 
 SMALL_CODEC = {"internal_ch": 64, "bottleneck_ch": 32, "unet_ch_config": (32, 32, 32), "semantic_ch": 32,
                "feature_ch": 32, "pix_emb_ch": 8}

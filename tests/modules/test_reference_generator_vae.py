@@ -10,15 +10,7 @@ from onedc.modules.reference.vae import (
     build_reference_vae,
     mid_block_attentions,
 )
-from reference_keylists import read_key_list
-
-# Two blocks: one downsampling, so a 2s×2s image has an s×s mid-block map.
-SMALL_VAE = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4,
-    "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
-    "block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8, "scaling_factor": 0.18215,
-}
-
+from reference_testdata import SMALL_VAE, read_key_list
 
 @pytest.fixture(scope="module")
 def pair():
