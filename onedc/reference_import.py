@@ -10,7 +10,7 @@
 Every file is checked against the modules it must fill, built on the meta device at the given
 architecture (the full size by default): all keys consumed, none missing, every shape equal.
 A wrong file fails with one :class:`~onedc.errors.WeightsError` line naming it and the first
-offending keys, before its tensors are read. The LoRA stays unmerged (as released) or is merged
+offending keys (the 3.7 GB UNet file from its header alone, before any tensor is read). The LoRA stays unmerged (as released) or is merged
 exactly (§5.1). :func:`save_released_checkpoint` writes modules in the released layout (the
 inverse direction, used by the tests to make synthetic checkpoints).
 """
