@@ -145,7 +145,8 @@ def convert_maskgit_state_dict(state: Mapping[str, Tensor], *, norm_num_groups: 
     check_state_dict(state, maskgit_source_shapes(config), path, "a MaskGIT-VQGAN tokenizer", MASKGIT_FORMAT)
     src = {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
     out = {k: torch.zeros(shape) for k, shape in _vqmodel_shapes(config).items()}
-    ch, blocks, levels = list(config["block_out_channels"]), int(config["layers_per_block"]), len(config["block_out_channels"])
+    ch, blocks = list(config["block_out_channels"]), int(config["layers_per_block"])
+    levels = len(ch)
 
     def copy(dst: str, key: str) -> None:
         out[dst] = src[key].clone()

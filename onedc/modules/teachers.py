@@ -202,7 +202,8 @@ def _check_range(values: Sequence[float]) -> tuple[float, float]:
     return low, high
 
 
-def protocol_suffix(kind: str, input_range: Sequence[float] | None, resize: str) -> str:
+def _protocol_suffix(kind: str, input_range: Sequence[float] | None = None,
+                     resize: str = _LEGACY_RESIZE) -> str:
     """The identity/cache-key suffix of an input protocol; empty for the historic default."""
     group = "vq" if kind == "vq" else "feature"
     value = _LEGACY_RANGE[group] if input_range is None else _check_range(input_range)
@@ -696,7 +697,7 @@ def _quick_trained_vq_dir(config: dict, seed: int, input_scale: float, tile_size
 
     spec = {"version": _QUICK_TRAIN_VERSION, "config": config, "seed": seed,
             "input_scale": input_scale, "tile_size": tile_size, "recipe": asdict(recipe)}
-    suffix = protocol_suffix("vq", **protocol)
+    suffix = _protocol_suffix("vq", **protocol)
     if suffix:  # only a non-default protocol enters the key: existing caches stay valid
         spec["protocol"] = suffix
     key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -960,7 +961,7 @@ def build_teacher(kind: str, *, pretrained: str | None = None, config: dict | No
     else:
         teacher = _build_transformers(pretrained, config, seed, input_scale, meta, protocol)
     if not meta:  # the same weights fed differently give other targets: another teacher
-        teacher.identity += protocol_suffix(teacher.kind, input_range, teacher.resize)
+        teacher.identity += _protocol_suffix(teacher.kind, input_range, teacher.resize)
     if device is not None and not meta:
         teacher = teacher.to(device)
     return teacher
