@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from onedc.config import to_dict
 from onedc.errors import ConfigError
+from onedc.modules import spec_builders
 
 
 def _plain(node: DictConfig | dict) -> dict:
@@ -20,42 +21,24 @@ def _plain(node: DictConfig | dict) -> dict:
 
 def build_vae(model_cfg: DictConfig | dict, device: str | torch.device | None = None):
     """The frozen VAE of ``model.vae`` (a model config node or the dict stored in a checkpoint)."""
-    from onedc.modules.vae import build_vae as _build
-
-    vae = _plain(model_cfg["vae"])
-    return _build(pretrained=vae.get("pretrained"), config=vae.get("config"), seed=int(vae.get("seed", 0)),
-                  scaling_factor=vae.get("scaling_factor"), device=device)
+    return spec_builders.build_vae(_plain(model_cfg), device=device)
 
 
 def build_codec(model_cfg: DictConfig | dict, vae_channels: int = 4):
     """The ``HyperpriorCodec`` of ``model.codec`` (random init; weights come from checkpoints).
 
-    There is no ``meta`` option: CompressAI's GDN initialises from real tensors, and the codec is
-    small enough (tens of M parameters at full size) to build on the CPU for counting.
+    See :func:`onedc.modules.spec_builders.build_codec` (which checkpoints are rebuilt with too).
     """
-    from onedc.modules.codec import HyperpriorCodec
-
-    return HyperpriorCodec(vae_channels=vae_channels, **_plain(model_cfg["codec"]))
+    return spec_builders.build_codec(_plain(model_cfg), vae_channels)
 
 
 def build_generator(model_cfg: DictConfig | dict, device: str | torch.device | None = None):
     """The ``OneStepGenerator`` of ``model.generator`` (a model config node or the dict stored in a checkpoint).
 
-    Its conv_in input and cross-attention width come from ``model.codec`` (gs_channels, token_dim).
+    Its conv_in input and cross-attention width come from ``model.codec`` (gs_channels, token_dim);
+    see :func:`onedc.model_spec.generator_kwargs`.
     """
-    from onedc.modules.generator import build_generator as _build
-
-    gen, codec = _plain(model_cfg["generator"]), _plain(model_cfg["codec"])
-    unet = gen.get("unet") or {}
-    if gen.get("pretrained") is None and unet.get("cross_attention_dim") not in (None, codec["token_dim"]):
-        raise ConfigError(f"model.codec.token_dim={codec['token_dim']} but model.generator.unet.cross_attention_dim="
-                          f"{unet['cross_attention_dim']}: the semantic tokens are the UNet's cross-attention "
-                          "context, set both to the same width")
-    return _build(gs_channels=int(codec["gs_channels"]), token_dim=int(codec["token_dim"]),
-                  pretrained=gen.get("pretrained"), unet_config=unet or None, seed=int(gen.get("seed", 0)),
-                  timestep=int(gen.get("timestep", 999)), prediction_type=str(gen.get("prediction_type", "epsilon")),
-                  scheduler_config=gen.get("scheduler") or {}, lora=gen.get("lora"),
-                  gradient_checkpointing=bool(gen.get("gradient_checkpointing", False)), device=device)
+    return spec_builders.build_generator(_plain(model_cfg), device=device)
 
 
 def teacher_kwargs(tokenizer_cfg: DictConfig) -> dict[str, Any]:

@@ -29,8 +29,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from onedc.checkpoints import newest_fallback, read_checkpoint
 from onedc.errors import CheckpointError, ConfigError
 from onedc.io import atomic_write_text
+from onedc.modules.coding_tables import fit_cdf_buffers
 
 log = logging.getLogger("onedc")
 
@@ -56,49 +58,8 @@ def _rank() -> int:
 
 
 # --------------------------------------------------------------------------- checkpoints
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a Lightning checkpoint file (or DeepSpeed folder, converted to fp32) with clear errors."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}. Give an existing .ckpt file or DeepSpeed folder")
-    if path.is_dir():
-        return _read_deepspeed_folder(path)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for corrupt files
-        fallback = newest_fallback(path)
-        hint = (f" The newest intact fallback is {fallback}: resume from it with resume={fallback}"
-                if fallback else " No fallback checkpoint exists beside it")
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: {err}).{hint}") from err
-
-
-def _read_deepspeed_folder(path: Path) -> dict[str, Any]:
-    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-
-    converted = path.with_name(path.name + ".fp32.ckpt")
-    if not converted.exists() or converted.stat().st_mtime < path.stat().st_mtime:
-        tmp = converted.with_name(f".{converted.name}.tmp-{os.getpid()}")
-        try:
-            convert_zero_checkpoint_to_fp32_state_dict(str(path), str(tmp))
-        except Exception as err:
-            raise CheckpointError(f"cannot convert the DeepSpeed checkpoint folder {path}: {err}") from err
-        os.replace(tmp, converted)
-        log.info("converted DeepSpeed checkpoint %s -> %s", path, converted)
-    return torch.load(converted, map_location="cpu", weights_only=False)
-
-
-def newest_fallback(path: Path) -> Path | None:
-    """The newest periodic checkpoint beside ``path`` that loads, if any."""
-    candidates = sorted(path.parent.glob("step=*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for candidate in candidates:
-        if candidate == path:
-            continue
-        try:
-            torch.load(candidate, map_location="cpu", weights_only=False)
-            return candidate
-        except Exception:
-            continue
-    return None
+# Reading checkpoint files lives in onedc.checkpoints (read_checkpoint and newest_fallback stay
+# importable from here).
 
 
 def check_identity(checkpoint: dict[str, Any], cfg: DictConfig, path: Path, compare_tokenizer: bool) -> None:
@@ -153,10 +114,7 @@ def load_init_weights(module: torch.nn.Module, path: str | Path, cfg: DictConfig
     loadable = {k: v for k, v in wanted.items() if k in own}
     codec = getattr(module, "codec", None)
     if codec is not None:  # CDF tables are sized by update(): resize before loading
-        from compressai.models.utils import update_registered_buffers
-
-        update_registered_buffers(codec.gaussian_conditional, "codec.gaussian_conditional",
-                                  ["_quantized_cdf", "_offset", "_cdf_length", "scale_table"], loadable)
+        fit_cdf_buffers(codec.gaussian_conditional, "codec.gaussian_conditional", loadable)
     module.load_state_dict(loadable, strict=False)
     if missing:
         log.warning("init_from %s: %d missing keys (left as initialised): %s", path, len(missing), ", ".join(missing[:20]))

@@ -14,16 +14,16 @@ OneDC makes the decisions device-independent in three layers:
 1. **Float64, outside autocast.** The decision path (ẑ -> h_s -> entropy parameters) runs in
    float64 with TF32 off and deterministic cuDNN, whatever precision the rest of the model
    uses (:func:`float64_call`). Two machines then agree to ~1e-15 relative, not ~1e-3.
-2. **Integer decisions.** μ is rounded to a fixed grid of :data:`MEAN_STEP` (so ŷ = symbol +
-   μ_q is exact in float32), σ is mapped to its table index by comparisons in float64
+2. **Integer decisions.** μ is rounded to a fixed grid of :data:`MEAN_STEP` (2^-16, so ŷ =
+   symbol + μ_q is exact in float32), σ is mapped to its table index by comparisons in float64
    (:func:`decide`). A decision can only differ where the float64 value lies within rounding
    error of a boundary.
 3. **A guard band with signalled fixes.** The encoder lists every symbol whose value lies within
-   :data:`FIX_BANDS` guard bands (:data:`GUARD` relative, ~1e6 times the float64 disagreement)
+   :data:`FIX_BANDS` guard bands (:data:`GUARD` relative, ~6000 times the float64 disagreement)
    of a boundary, with its decisions (:func:`encode_fixes`). The decoder takes those from the
    list and computes the rest: a decoder whose values differ from the encoder's by less than one
    band makes the same decisions everywhere, by construction. The list is almost always empty
-   (a fraction ~1e-5 of symbols at most).
+   (a fraction ~1e-6 of symbols).
 
 Finally the file carries a CRC32 over the decisions and the symbols (:func:`decision_checksum`),
 so a decoder that disagrees anyway (a broken kernel, a perturbed model) fails with an error
@@ -40,12 +40,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-MEAN_BITS = 8
-MEAN_STEP = 2.0**-MEAN_BITS  # μ is coded on this grid: ŷ = symbol + k·2^-8, exact in float32
+# μ is coded on a grid of 2^-16: ŷ = symbol + k·2^-16 is exact in float32 for |ŷ| < 256, and
+# stays within 2^-17 (7.6e-6) of ŷ with an unrounded μ, so a model keeps its float behaviour
+# (and matches a reference implementation's ŷ to 1e-5).
+MEAN_BITS = 16
+MEAN_STEP = 2.0**-MEAN_BITS
 # Half-width of the guard band around each decision boundary, relative to the value's magnitude.
-# Float64 results of the decision path differ between kernel sets by ~1e-15 relative (measured
-# in benchmarks/portability.py); the band is ~1e6 times wider.
-GUARD = 2.0**-30
+# Float64 results of the decision path differ between kernel sets by at most 1.5e-16 relative
+# (tiny preset, 7 photos, AVX-512 vs ATEN default + oneDNN SSE4.1; 0 between thread counts,
+# batch sizes and memory layouts): the band, 9.1e-13, is ~6000 times wider. With it about
+# 2e-6 of the symbols need a fix (μ ~ 10); the σ decisions (table scales 2.1 % apart) ~1e-10.
+GUARD = 2.0**-40
 # The encoder signals decisions within this many bands of a boundary; the decoder needs them
 # within one band. The gap between the two is what the machines may disagree by.
 FIX_BANDS = 2.0

@@ -6,6 +6,7 @@ import torch
 from compressai.entropy_models import GaussianConditional
 
 from onedc.modules.decisions import (
+    GUARD,
     MEAN_STEP,
     CodingDecisions,
     apply_fixes,
@@ -28,15 +29,18 @@ def test_means_are_rounded_to_the_grid_and_exact_in_float32():
     means = torch.randn(10000, dtype=torch.float64) * 40
     d = decide(means, torch.ones_like(means), TABLE)
     assert torch.equal(d.mean_codes, torch.round(means / MEAN_STEP).long())
-    assert (d.means.double() - means).abs().max() <= MEAN_STEP / 2
+    assert (d.means.double() - means).abs().max() <= MEAN_STEP / 2 < 1e-5
     assert torch.equal(d.means.double(), d.mean_codes.double() * MEAN_STEP)  # no float32 rounding
 
 
+OFFSET = GUARD / 4  # a quarter band: well inside the guard band, far above float64 rounding
+
+
 def near_boundaries() -> tuple[torch.Tensor, torch.Tensor]:
-    """Means 1e-13 from a rounding boundary and scales 1e-13 (relative) from a table scale."""
-    k = torch.arange(-20, 20, dtype=torch.float64)
-    means = (k + 0.5) * MEAN_STEP + 1e-13
-    scales = TABLE[10:50].double() * (1 + 1e-13)
+    """Means a quarter band above a rounding boundary and scales a quarter band above a table scale."""
+    k = torch.arange(-20, 20, dtype=torch.float64) * 1000 + 0.5
+    means = (k + OFFSET * (1 + k.abs())) * MEAN_STEP
+    scales = TABLE[10:50].double() * (1 + OFFSET)
     return means, scales
 
 
@@ -48,8 +52,10 @@ def test_the_fix_list_settles_values_on_either_side_of_a_boundary(which):
     else:
         means = torch.zeros_like(means) + 0.1
     encoder = decide(means, scales, TABLE)
-    # The "other machine" lands 2e-13 lower: just across every boundary.
-    decoder = decide(means - 2e-13 * (1 + means.abs()) if which == "means" else means, scales * (1 - 2e-13), TABLE)
+    # The "other machine" lands half a band lower: just across every boundary.
+    m = means / MEAN_STEP
+    lower = (m - 2 * OFFSET * (1 + m.abs())) * MEAN_STEP
+    decoder = decide(lower if which == "means" else means, scales * (1 - 2 * OFFSET), TABLE)
     field = "mean_codes" if which == "means" else "indexes"
     assert (getattr(encoder, field) != getattr(decoder, field)).all()  # without fixes: every decision flips
     assert (encoder.margin < 1).all()
