@@ -19,9 +19,14 @@ def _plain(node: DictConfig | dict) -> dict:
     return to_dict(node) if isinstance(node, DictConfig) else dict(node)
 
 
-def build_vae(model_cfg: DictConfig | dict, device: str | torch.device | None = None):
-    """The frozen VAE of ``model.vae`` (a model config node or the dict stored in a checkpoint)."""
-    return spec_builders.build_vae(_plain(model_cfg), device=device)
+def build_vae(model_cfg: DictConfig | dict, device: str | torch.device | None = None, quick_train: bool = False):
+    """The frozen VAE of ``model.vae`` (a model config node or the dict stored in a checkpoint).
+
+    ``quick_train=True`` (the training stages) applies ``model.vae.quick_train`` to a random VAE;
+    everything that loads checkpoints keeps the default: they hold all VAE weights, so a machine
+    with an empty cache decodes without training anything.
+    """
+    return spec_builders.build_vae(_plain(model_cfg), device=device, quick_train=quick_train)
 
 
 def build_codec(model_cfg: DictConfig | dict, vae_channels: int = 4):
@@ -97,26 +102,33 @@ def optimizer_spec(stage_cfg: DictConfig):
                          warmup_steps=int(stage_cfg.warmup_steps))
 
 
-def identity(cfg: DictConfig, stage_cfg: DictConfig, teacher=None):
-    """What the stage checkpoint records about its model (checked when loading)."""
+def identity(cfg: DictConfig, stage_cfg: DictConfig, teacher=None, vae=None):
+    """What the stage checkpoint records about its model (checked when loading).
+
+    The VAE's weights identity goes to ``model.vae.identity``: the config alone does not say
+    which weights a quick-train cache or a pretrained dir held.
+    """
     from onedc.stages.common import ModelIdentity
 
     tokenizer = {"name": str(cfg.tokenizer.name)}
     if teacher is not None:
         tokenizer["identity"] = teacher.identity
-    return ModelIdentity(model=to_dict(cfg.model), tokenizer=tokenizer, stage=str(stage_cfg.name))
+    model = to_dict(cfg.model)
+    if getattr(vae, "identity", ""):
+        model["vae"]["identity"] = vae.identity
+    return ModelIdentity(model=model, tokenizer=tokenizer, stage=str(stage_cfg.name))
 
 
 def _build_distill(cfg: DictConfig, stage_cfg: DictConfig):
     from onedc.stages.distill import DistillStage
 
-    vae = build_vae(cfg.model)
+    vae = build_vae(cfg.model, quick_train=True)
     codec = build_codec(cfg.model, vae.latent_channels)
     teacher = build_teacher(cfg.tokenizer)
     distill = build_distill_loss(cfg.tokenizer, cfg.model, teacher)
     return DistillStage(
         vae=vae, codec=codec, teacher=teacher, distill=distill, optimizer=optimizer_spec(stage_cfg),
-        identity=identity(cfg, stage_cfg, teacher), lmbda=float(stage_cfg.lmbda),
+        identity=identity(cfg, stage_cfg, teacher, vae), lmbda=float(stage_cfg.lmbda),
         lmbda_warmup_steps=int(stage_cfg.lmbda_warmup_steps), distill_weight=float(stage_cfg.distill_weight),
         latent_weight=float(stage_cfg.latent_weight),
     )
@@ -124,7 +136,7 @@ def _build_distill(cfg: DictConfig, stage_cfg: DictConfig):
 
 def _vae_codec_generator(cfg: DictConfig):
     """The VAE, codec and one-step generator of ``cfg.model`` (stages 2 and 3), checked to fit together."""
-    vae = build_vae(cfg.model)
+    vae = build_vae(cfg.model, quick_train=True)
     codec = build_codec(cfg.model, vae.latent_channels)
     generator = build_generator(cfg.model)
     if generator.latent_channels != vae.latent_channels:
@@ -141,7 +153,7 @@ def _build_latent(cfg: DictConfig, stage_cfg: DictConfig):
     images = stage_cfg.get("image_every_n_steps")
     return LatentStage(
         vae=vae, codec=codec, generator=generator, optimizer=optimizer_spec(stage_cfg),
-        identity=identity(cfg, stage_cfg), train_codec=bool(stage_cfg.train_codec), lmbda=float(stage_cfg.lmbda),
+        identity=identity(cfg, stage_cfg, vae=vae), train_codec=bool(stage_cfg.train_codec), lmbda=float(stage_cfg.lmbda),
         latent_loss=str(stage_cfg.latent_loss), ema_decay=None if ema is None else float(ema),
         image_every_n_steps=None if images is None else int(images),
     )
@@ -191,7 +203,7 @@ def _build_finetune(cfg: DictConfig, stage_cfg: DictConfig):
     return FinetuneStage(
         vae=vae, codec=codec, generator=generator, discriminator=discriminator, perceptual=perceptual,
         gan_loss=build_gan_loss(str(stage_cfg.gan_loss)), optimizer=optimizer_spec(stage_cfg),
-        disc_optimizer=disc_optimizer, identity=identity(cfg, stage_cfg), train_codec=bool(stage_cfg.train_codec),
+        disc_optimizer=disc_optimizer, identity=identity(cfg, stage_cfg, vae=vae), train_codec=bool(stage_cfg.train_codec),
         lmbda=float(stage_cfg.lmbda), latent_loss=str(stage_cfg.latent_loss), pixel_loss=str(stage_cfg.pixel_loss),
         pixel_weight=float(stage_cfg.pixel_weight), lpips_weight=lpips_weight,
         latent_weight=float(stage_cfg.latent_weight), gan_weight=gan_weight,

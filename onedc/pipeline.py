@@ -75,7 +75,8 @@ def check_identity(checkpoint: dict[str, Any], cfg: DictConfig, path: Path, comp
         if part not in have or part not in want:
             continue
         # Where the generator's initial weights came from no longer matters once it is trained.
-        ignore = {"pretrained", "seed", "gradient_checkpointing"} if part == "generator" else set()
+        # The VAE's weights identity is not a config value (load_init_weights compares it).
+        ignore = {"pretrained", "seed", "gradient_checkpointing"} if part == "generator" else {"identity"}
         diff = sorted(k for k in set(have[part]) | set(want[part])
                       if k not in ignore and have[part].get(k) != want[part].get(k))
         if diff:
@@ -100,6 +101,12 @@ def load_init_weights(module: torch.nn.Module, path: str | Path, cfg: DictConfig
     path = Path(path)
     checkpoint = read_checkpoint(path)
     check_identity(checkpoint, cfg, path, compare_tokenizer=False)
+    recorded = (checkpoint["onedc"]["model"].get("vae") or {}).get("identity")
+    built = getattr(getattr(module, "vae", None), "identity", "")
+    if recorded and built and recorded != built:
+        raise CheckpointError(f"{path} was trained on the VAE {recorded} but this run built {built} (another "
+                              "quick-train cache or pretrained dir): its codec expects that VAE's latents. Use the "
+                              "VAE it was trained with, or start again from stage=distill")
     state = checkpoint["state_dict"]
     own = module.state_dict()
     wanted = {k: v for k, v in state.items() if k.startswith(prefixes)}

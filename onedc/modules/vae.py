@@ -3,10 +3,18 @@
 The VAE defines the latent space the whole codec lives in (SD: 4 channels at 1/8). It is never
 trained: parameters are frozen, the module stays in eval mode, and ``encode`` / ``decode``
 handle the latent scaling factor so that the rest of onedc sees unit-variance latents.
+
+The tiny preset's random VAE can be quick-trained (``quick_train``, see
+:mod:`onedc.modules.vae_quick_train`) so that it reconstructs; ``identity`` names the weights a
+VAE was built with (content hash, or architecture + seed for random weights) and is recorded
+in stage checkpoints.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,9 +38,10 @@ class FrozenVAE(nn.Module):
     is deterministic, which the codec's exact decode round-trip relies on.
     """
 
-    def __init__(self, autoencoder: nn.Module, scaling_factor: float | None = None) -> None:
+    def __init__(self, autoencoder: nn.Module, scaling_factor: float | None = None, identity: str = "") -> None:
         super().__init__()
         self.autoencoder = autoencoder
+        self.identity = identity
         config_factor = getattr(getattr(autoencoder, "config", None), "scaling_factor", None)
         self.scaling_factor = float(scaling_factor if scaling_factor is not None else config_factor or 1.0)
         self.autoencoder.requires_grad_(False)
@@ -66,29 +75,56 @@ class FrozenVAE(nn.Module):
         return x.float()
 
 
+def _weights_identity(path: Path) -> str:
+    """``AutoencoderKL:sha256=...`` over a diffusers dir's config and weight files (content, not location)."""
+    from onedc.modules.teachers import _sha256_files
+
+    files = sorted(p for p in path.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
+    return f"AutoencoderKL:sha256={_sha256_files(files)}"
+
+
+def _load_dir(path: Path, what: str) -> nn.Module:
+    from diffusers import AutoencoderKL
+
+    try:
+        return AutoencoderKL.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise WeightsError(f"cannot load {what} from {path}: {err}") from err
+
+
 def build_vae(
     *,
     pretrained: str | None = None,
     config: dict[str, Any] | None = None,
     seed: int = 0,
     scaling_factor: float | None = None,
+    quick_train: dict[str, Any] | None = None,
     device: str | torch.device | None = None,
 ) -> FrozenVAE:
-    """Build the frozen VAE from a local diffusers dir (``pretrained``) or random weights.
+    """Build the frozen VAE from a local diffusers dir (``pretrained``) or from ``config``.
 
     ``pretrained`` is a directory written by ``AutoencoderKL.save_pretrained`` (or a full
     SD model dir with a ``vae/`` subfolder). With ``pretrained=None`` the architecture comes
     from ``config`` (diffusers kwargs) with weights drawn from ``seed`` without touching the
-    global RNG; ``device="meta"`` builds shapes only (parameter counting).
+    global RNG, then, given ``quick_train`` options (:class:`~onedc.modules.vae_quick_train.
+    VAEQuickTrainRecipe`), trained briefly and cached (a cache hit loads in a second);
+    ``device="meta"`` builds shapes only (parameter counting). Loading a checkpoint, which holds
+    all VAE weights, needs neither: leave ``quick_train`` out there.
     """
     from diffusers import AutoencoderKL
 
     if pretrained is not None:
         path = diffusers_model_dir(pretrained, "vae", "a diffusers AutoencoderKL directory", "model.vae.pretrained")
-        try:
-            autoencoder = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError, RuntimeError) as err:
-            raise WeightsError(f"cannot load the VAE from {path}: {err}") from err
+        autoencoder = _load_dir(path, "the VAE")
+        identity = _weights_identity(path)
+    elif quick_train is not None and str(device) != "meta":
+        from onedc.modules.vae_quick_train import VAEQuickTrainRecipe, quick_trained_vae_dir
+
+        if config is None:
+            raise WeightsError("build_vae needs an architecture `config` to quick-train a VAE")
+        path = quick_trained_vae_dir(config, seed, VAEQuickTrainRecipe.from_options(dict(quick_train)))
+        autoencoder = _load_dir(path, "the cached quick-trained VAE (delete that directory to retrain it)")
+        identity = _weights_identity(path)
     else:
         if config is None:
             raise WeightsError("build_vae needs `pretrained` (a local dir) or an architecture `config`")
@@ -99,7 +135,9 @@ def build_vae(
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 autoencoder = AutoencoderKL(**config)
-    vae = FrozenVAE(autoencoder, scaling_factor)
+        blob = json.dumps(config, sort_keys=True, default=str).encode()
+        identity = f"AutoencoderKL:random:cfg={hashlib.sha256(blob).hexdigest()[:12]}:seed={seed}"
+    vae = FrozenVAE(autoencoder, scaling_factor, identity=identity)
     if device is not None and str(device) != "meta":
         vae.to(device)
     return vae
