@@ -19,28 +19,16 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 from onedc.errors import OneDCError
+from onedc.progress import progress as _progress_bar
+from onedc.progress import say as _say
 
 
 def _about(path: Path, err: OneDCError) -> OneDCError:
     """The same error class with the file it concerns in front of the message."""
     return type(err)(f"{path}: {err}")
-
-
-def _progress(items: list[Any], desc: str) -> Iterable[Any]:
-    """A tqdm bar on stderr when there is more than one item, plain iteration otherwise."""
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, unit="file", disable=len(items) <= 1, file=sys.stderr)
-
-
-def _say(message: str) -> None:
-    """Print a result line on stdout without breaking a running progress bar."""
-    from tqdm import tqdm
-
-    tqdm.write(message, file=sys.stdout)
 
 
 def _targets(sources: list[Path], out_dir: Path, suffix: str) -> list[Path]:
@@ -69,7 +57,7 @@ def _read_bytes(path: Path) -> bytes:
 
 # --------------------------------------------------------------------------- compress
 def _cmd_compress(args: argparse.Namespace) -> int:
-    from onedc.datamodules.image_folder import list_images, load_image
+    from onedc.images import list_images, load_image
     from onedc.inference import OneDCCodec
     from onedc.io import atomic_write_bytes
 
@@ -78,7 +66,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         sources += list_images(item) if item.is_dir() else [item]
     targets = _targets(sources, Path(args.output), ".onedc")
     codec = OneDCCodec.from_checkpoint(args.ckpt, device=args.device)
-    for src, dst in _progress(list(zip(sources, targets)), "compress"):
+    for src, dst in _progress_bar(list(zip(sources, targets)), "compress"):
         image = load_image(src)  # ImageReadError already names the file
         data = codec.compress_image(image)
         atomic_write_bytes(dst, data)
@@ -125,15 +113,14 @@ def _onedc_files(inputs: Sequence[str]) -> list[Path]:
 
 
 def _cmd_decompress(args: argparse.Namespace) -> int:
-    from onedc.inference import OneDCCodec, save_image
+    from onedc.images import save_image
+    from onedc.inference import OneDCCodec
 
     sources = _onedc_files(args.inputs)
     targets = _targets(sources, Path(args.output), ".png")
     codec = OneDCCodec.from_checkpoint(args.ckpt, device=args.device)
-    if args.steps > 1 and codec.generator is None:
-        raise OneDCError(f"--steps {args.steps} (multi-step decoding) needs a checkpoint with a one-step generator "
-                         f"(latent or finetune stage); {args.ckpt} has none: drop --steps")
-    for src, dst in _progress(list(zip(sources, targets)), "decompress"):
+    codec.check_steps(args.steps, setting=f"--steps {args.steps}", source=args.ckpt)
+    for src, dst in _progress_bar(list(zip(sources, targets)), "decompress"):
         try:
             decoded = codec.decompress_bytes(_read_bytes(src), steps=args.steps)
         except OneDCError as err:

@@ -10,10 +10,11 @@
                        ─> _latent_from: generator(features, tokens) | light latent_hat (stage 1)
                        ─> VAE dec ─> clamp [-1,1] ─> crop to (H, W)
 
-The model identity written into every file is a SHA-256 over everything that decides what the
-decoder outputs (decoder-side weights, coding tables, FSQ levels, VAE scaling, generator
-settings), so a file decoded with another model fails with ``ModelMismatchError`` instead of
-producing a wrong picture.
+Every file carries the bundle's model identity (:mod:`onedc.model_identity`), so a file decoded
+with another model fails with ``ModelMismatchError`` instead of producing a wrong picture.
+Weights are read by :mod:`onedc.checkpoints` and the parts rebuilt from their model config by
+:mod:`onedc.modules.spec_builders`; the rate table lives in :mod:`onedc.rate` and image files
+in :mod:`onedc.images` (all still importable from here). Coding layer of docs/architecture.md.
 
 Exactness: the decoder recomputes the integer coding decisions of ŷ (rANS table and mean of
 every symbol) from ẑ with the encoder's network, in float64 outside autocast, and takes the few
@@ -26,55 +27,31 @@ decisions) are still read, on the kind of machine that wrote them.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, NamedTuple
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from onedc.bitstream import (
-    MAX_PADDED_PIXELS,
-    MAX_SIDE,
-    MODEL_ID_BYTES,
-    Container,
-    decode_container,
-    encode_container,
-)
+from onedc import model_spec
+from onedc.bitstream import MAX_PADDED_PIXELS, MAX_SIDE, Container, decode_container, encode_container
+from onedc.checkpoints import CHECKPOINT_READERS, LoadedWeights, read_weights
 from onedc.errors import BitstreamError, CheckpointError, CodingMismatchError, OneDCError
-from onedc.io import atomic_write
+from onedc.images import load_image, save_image
+from onedc.model_identity import DECODER_PREFIXES, model_identity
+from onedc.model_spec import BUNDLE_PARTS, GENERATOR_DECODE_SETTINGS, generator_settings
 from onedc.modules.codec import DecodedLatents, HyperpriorCodec, HyperpriorOutput, pad_to_multiple
+from onedc.modules import spec_builders
+from onedc.modules.coding_tables import CDF_BUFFERS, tables_missing
+from onedc.rate import format_rate_table, rate_table
 
-# State-dict prefixes (stage checkpoint naming, see onedc.stages.common) of everything the
-# decoder runs. Encoder-only weights (VAE encoder, g_a, h_a) are left out on purpose: retraining
-# only the encoder side keeps old files decodable, and the id says so.
-DECODER_PREFIXES: tuple[str, ...] = (
-    "vae.autoencoder.decoder.",
-    "vae.autoencoder.post_quant_conv.",
-    "codec.h_s.",
-    "codec.entropy_parameters.",
-    "codec.h_sem.",
-    "codec.token_norm.",
-    "codec.g_s.",
-    "codec.to_latent.",
-    "codec.gaussian_conditional.",
-    "generator.",
-)
-# Parts of the inference bundle; any other prefix in a checkpoint (distill., discriminator., ...)
-# is training-only and ignored.
-BUNDLE_PARTS: tuple[str, ...] = ("vae", "codec", "generator")
-# Non-tensor generator settings that change the decoded image (model.generator config keys).
-GENERATOR_DECODE_SETTINGS: tuple[str, ...] = ("timestep", "prediction_type", "scheduler")
-_TABLE_BUFFERS = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
-
-
-class LoadedWeights(NamedTuple):
-    """What a checkpoint reader returns: the model config dict and a flat, prefixed state dict."""
-
-    model_config: dict[str, Any]
-    state_dict: dict[str, Tensor]
+# Names that lived here before the split, kept importable for callers of onedc.inference.
+__all__ = [
+    "BUNDLE_PARTS", "CHECKPOINT_READERS", "DECODER_PREFIXES", "GENERATOR_DECODE_SETTINGS", "DecodedImage",
+    "LoadedWeights", "OneDCCodec", "format_rate_table", "generator_settings", "load_image", "model_identity",
+    "rate_table", "save_image",
+]
 
 
 @dataclass(frozen=True)
@@ -91,69 +68,6 @@ class DecodedImage:
     z_hat: Tensor
     latent: Tensor
     header: Container
-
-
-def model_identity(state_dict: Mapping[str, Tensor], settings: Mapping[str, Any] | None = None) -> bytes:
-    """First 16 bytes of SHA-256 over the decoder-side tensors of ``state_dict`` and ``settings``.
-
-    ``state_dict`` is the bundle's prefixed state dict (``vae.*``, ``codec.*``, ``generator.*``);
-    only keys under :data:`DECODER_PREFIXES` count. Each tensor contributes its name, dtype,
-    shape and raw bytes, in sorted key order, so the id depends on values only (not on device,
-    memory layout or dict order). ``settings`` (JSON-serialisable, e.g. FSQ levels) is hashed too.
-    """
-    digest = hashlib.sha256()
-    for key in sorted(k for k in state_dict if k.startswith(DECODER_PREFIXES)):
-        tensor = state_dict[key].detach().cpu().contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        # A flat uint8 view gives the raw bytes of any dtype (bf16 included, which numpy lacks).
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    digest.update(json.dumps(dict(settings or {}), sort_keys=True, default=str).encode())
-    return digest.digest()[:MODEL_ID_BYTES]
-
-
-# --------------------------------------------------------------------------- checkpoint readers
-def _read_stage_checkpoint(path: Path) -> LoadedWeights:
-    """A Lightning stage checkpoint (``.ckpt`` file or DeepSpeed folder) written by ``train.py``."""
-    from onedc.pipeline import read_checkpoint
-    from onedc.stages.common import CHECKPOINT_FORMAT
-
-    checkpoint = read_checkpoint(path)
-    meta = checkpoint.get("onedc") if isinstance(checkpoint, dict) else None
-    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
-        raise CheckpointError(
-            f"{path} is not an onedc stage checkpoint: it has no 'onedc' metadata with the model config. "
-            "Give a checkpoint written by train.py (e.g. runs/<run>/distill/final.ckpt)")
-    if int(meta.get("format", 0)) > CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} has checkpoint format {meta.get('format')}, this onedc reads up to "
-                              f"{CHECKPOINT_FORMAT}: upgrade onedc")
-    state_dict = checkpoint.get("state_dict")
-    if not isinstance(state_dict, dict):
-        raise CheckpointError(f"{path} has no state_dict: it is not a model checkpoint")
-    return LoadedWeights(copy.deepcopy(meta["model"]), state_dict)
-
-
-# Suffix -> reader. Anything else (a DeepSpeed folder, .pt) is tried as a stage checkpoint.
-# Export formats (e.g. ".safetensors") register their reader here.
-def _read_exported(path: Path) -> LoadedWeights:
-    from onedc.export import read_exported
-
-    return read_exported(path)
-
-
-CHECKPOINT_READERS: dict[str, Callable[[Path], LoadedWeights]] = {
-    ".ckpt": _read_stage_checkpoint,
-    ".safetensors": _read_exported,
-}
-
-
-def _split_parts(state_dict: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    """Group a prefixed state dict by bundle part, dropping training-only parts."""
-    parts: dict[str, dict[str, Tensor]] = {name: {} for name in BUNDLE_PARTS}
-    for key, value in state_dict.items():
-        head, _, rest = key.partition(".")
-        if head in parts and rest:
-            parts[head][rest] = value
-    return parts
 
 
 def _load_part(name: str, module: nn.Module, weights: dict[str, Tensor], source: Path,
@@ -181,29 +95,6 @@ def _load_part(name: str, module: nn.Module, weights: dict[str, Tensor], source:
             f"missing {shown(missing) or 'none'}; unexpected {shown(list(unexpected)) or 'none'}")
 
 
-def _weights_only_config(model_config: dict[str, Any], part: str, arch_key: str) -> dict[str, Any]:
-    """Drop a ``pretrained`` dir that is not on this machine where an architecture config exists.
-
-    The checkpoint holds all the weights, so the pretrained dir only supplies the architecture:
-    it is used where present (its layout is certain to match), else the config builds it.
-    """
-    node = model_config.get(part)
-    if isinstance(node, dict) and node.get(arch_key) is not None and node.get("pretrained") is not None:
-        if not Path(str(node["pretrained"])).expanduser().is_dir():
-            node["pretrained"] = None
-    return model_config
-
-
-def generator_settings(model_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The generator's non-tensor decode settings (:data:`GENERATOR_DECODE_SETTINGS`) from a model config."""
-    gen_cfg = model_config.get("generator") or {}
-    return {k: gen_cfg.get(k) for k in GENERATOR_DECODE_SETTINGS if k in gen_cfg}
-
-
-def _tables_missing(codec: HyperpriorCodec) -> bool:
-    return codec.gaussian_conditional._offset.numel() == 0
-
-
 # --------------------------------------------------------------------------- the bundle
 class OneDCCodec(nn.Module):
     """A trained OneDC model for coding files: frozen VAE + hyperprior codec (+ one-step generator).
@@ -221,7 +112,7 @@ class OneDCCodec(nn.Module):
         self.codec = codec
         self.generator = generator
         self.generator_settings = dict(generator_settings or {})
-        if _tables_missing(codec):
+        if tables_missing(codec):
             codec.update(force=True)
         self.requires_grad_(False)
         self.eval()
@@ -238,32 +129,26 @@ class OneDCCodec(nn.Module):
         the stored model config and loaded strictly; training-only weights are ignored. Any
         problem raises :class:`~onedc.errors.CheckpointError` naming the file.
         """
-        path = Path(path)
-        reader = CHECKPOINT_READERS.get(path.suffix.lower(), _read_stage_checkpoint)
-        loaded = reader(path)
-        return cls.from_weights(loaded.model_config, loaded.state_dict, device=device, source=path)
+        loaded = read_weights(path)
+        return cls.from_weights(loaded.model_config, loaded.state_dict, device=device, source=Path(path))
 
     @classmethod
     def from_weights(cls, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor],
                      device: str | torch.device = "cpu", source: str | Path = "<weights>") -> "OneDCCodec":
         """Rebuild the bundle from a model config dict and a prefixed state dict (``vae.*``, ...)."""
-        from onedc import build
-
         device = _check_device(device)
         source = Path(source)
-        model_config = copy.deepcopy(dict(model_config))
-        _weights_only_config(model_config, "vae", "config")
-        _weights_only_config(model_config, "generator", "unet")
-        parts = _split_parts(state_dict)
+        model_config = model_spec.weights_only_config(model_config)
+        parts = model_spec.split_parts(state_dict)
         try:
-            vae = build.build_vae(model_config)
-            codec = build.build_codec(model_config, vae.latent_channels)
+            vae = spec_builders.build_vae(model_config)
+            codec = spec_builders.build_codec(model_config, vae.latent_channels)
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{source}: its model config cannot build the VAE/codec "
                                   f"({type(err).__name__}: {err})") from err
         _load_part("vae", vae, parts["vae"], source)
         codec_weights = dict(parts["codec"])
-        tables = [f"gaussian_conditional.{b}" for b in _TABLE_BUFFERS]
+        tables = [f"gaussian_conditional.{b}" for b in CDF_BUFFERS]
         no_tables = any(k not in codec_weights or codec_weights[k].numel() == 0 for k in tables)
         if no_tables:
             # Tables absent (or never built): load the rest, then rebuild them with update().
@@ -271,16 +156,12 @@ class OneDCCodec(nn.Module):
                 codec_weights.pop(key, None)
         _load_part("codec", codec, codec_weights, source, allowed_missing=tables if no_tables else (),
                    plain=no_tables)
-        if _tables_missing(codec):
+        if tables_missing(codec):
             codec.update(force=True)
         generator, settings = None, {}
         if parts["generator"]:
-            builder = getattr(build, "build_generator", None)
-            if builder is None:
-                raise CheckpointError(f"{source} holds one-step generator weights (generator.*) but this onedc "
-                                      "cannot build a generator (no onedc.build.build_generator): upgrade onedc")
             try:
-                generator = builder(model_config)
+                generator = spec_builders.build_generator(model_config)
             except (KeyError, TypeError, ValueError) as err:
                 raise CheckpointError(f"{source}: its model config cannot build the generator "
                                       f"({type(err).__name__}: {err})") from err
@@ -317,13 +198,11 @@ class OneDCCodec(nn.Module):
     def from_config(cls, model_config: Mapping[str, Any], device: str | torch.device = "cpu",
                     seed: int = 0) -> "OneDCCodec":
         """A bundle with random codec weights (VAE from its config seed), tables built: tests, benchmarks."""
-        from onedc import build
-
         model_config = copy.deepcopy(dict(model_config))
-        vae = build.build_vae(model_config)
+        vae = spec_builders.build_vae(model_config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            codec = build.build_codec(model_config, vae.latent_channels)
+            codec = spec_builders.build_codec(model_config, vae.latent_channels)
         codec.update(force=True)
         return cls(vae, codec).to(_check_device(device))
 
@@ -417,7 +296,7 @@ class OneDCCodec(nn.Module):
         inside the entropy decoder on a file whose checksum was forged. ``steps > 1`` decodes
         with the multi-step baseline of the generator (see :meth:`_latent_from`).
         """
-        self._check_steps(steps)
+        self.check_steps(steps)
         header = decode_container(data, expected_model_id=self.model_id)
         decoded = self._entropy_decode(header)
         latent = self._latent_from(decoded, steps=steps)
@@ -455,13 +334,19 @@ class OneDCCodec(nn.Module):
                 "matched: the file was altered and its checksum recomputed, or written by an incompatible encoder"
             ) from err
 
-    def _check_steps(self, steps: int) -> None:
-        """Refuse a decoding step count this bundle cannot run (before any work is done)."""
+    def check_steps(self, steps: int, setting: str | None = None, source: str | Path | None = None) -> None:
+        """Refuse a decoding step count this bundle cannot run, before any work is done.
+
+        The one home of the rule "multi-step decoding needs a generator": the CLI, ``onedc eval``
+        and :meth:`decompress_bytes` all ask here. ``setting`` is how the caller's user spelled
+        the count (default ``steps=N``; the CLI passes ``--steps N``), ``source`` the checkpoint.
+        """
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise OneDCError(f"steps must be a whole number >= 1, got {steps!r}")
         if steps > 1 and self.generator is None:
-            raise OneDCError(f"multi-step decoding (steps={steps}) needs a one-step generator, and this model has "
-                             "none (a distill-stage checkpoint): use steps=1, or a latent/finetune checkpoint")
+            raise OneDCError(f"{setting or f'steps={steps}'} (multi-step decoding) needs a one-step generator, and "
+                             f"{source or 'this model'} has none (a distill-stage checkpoint): use steps=1, or a "
+                             "latent/finetune checkpoint")
 
     def _latent_from(self, decoded: DecodedLatents, steps: int = 1) -> Tensor:
         """THE generator slot: decoder-side latents -> the clean VAE latent that the VAE decodes.
@@ -472,7 +357,7 @@ class OneDCCodec(nn.Module):
         DDIM baseline (``OneStepGenerator.multi_step``: N UNet calls from T down to 0), a
         compute/quality comparison point rather than the trained decoder; it needs a generator.
         """
-        self._check_steps(steps)
+        self.check_steps(steps)
         if self.generator is not None:
             if steps > 1:
                 return self.generator.multi_step(decoded.features, decoded.tokens, steps)
@@ -489,70 +374,3 @@ def _check_device(device: str | torch.device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OneDCError(f"device {device} requested but CUDA is not available here: use --device cpu")
     return device
-
-
-# --------------------------------------------------------------------------- rate
-def rate_table(codec: OneDCCodec, paths: Iterable[str | Path]) -> list[dict[str, Any]]:
-    """Real vs. estimated rate of each image in ``paths``: one dict per image.
-
-    Real bits come from the ``.onedc`` bytes (whole file, and payload = file minus the
-    68-byte header); the estimate is ``HyperpriorCodec.rate_bits`` of the eval forward pass on
-    the same padded image (-Σlog2 p(ŷ) + the fixed z bits). bpp values divide by the original
-    (unpadded) pixel count; ``rel_diff`` = (payload bits - estimate) / estimate.
-    """
-    from onedc.datamodules.image_folder import load_image
-
-    rows = []
-    for path in paths:
-        path = Path(path)
-        padded, size = codec._prepare(load_image(path))
-        with torch.no_grad():
-            v = codec.vae.encode(padded)  # one VAE pass for both: the estimate sees what is coded
-            data = codec._compress_prepared(padded, v, size)[0]
-            out = codec.codec(padded, v)
-        header = decode_container(data)
-        est_z = float(out.z_bits[0])
-        est_total = float(HyperpriorCodec.rate_bits(out)[0])
-        pixels = header.height * header.width
-        payload_bits = header.payload_size * 8
-        rows.append({
-            "image": path.stem,
-            "height": header.height,
-            "width": header.width,
-            "file_bytes": len(data),
-            "header_bytes": header.header_size,
-            "z_bytes": len(header.z_stream),
-            "y_bytes": len(header.y_stream),
-            "fix_bytes": len(header.fix_stream),
-            "real_bits": len(data) * 8,
-            "payload_bits": payload_bits,
-            "est_bits": est_total,
-            "est_y_bits": est_total - est_z,
-            "est_z_bits": est_z,
-            "bpp_file": len(data) * 8 / pixels,
-            "bpp_payload": payload_bits / pixels,
-            "bpp_est": est_total / pixels,
-            "rel_diff": (payload_bits - est_total) / est_total,
-        })
-    return rows
-
-
-def format_rate_table(rows: list[dict[str, Any]]) -> str:
-    """A fixed-width text table of :func:`rate_table` rows (one line per image)."""
-    lines = [f"{'image':<18} {'size':>9} {'file B':>7} {'payload bpp':>11} {'est bpp':>9} {'file bpp':>9} {'diff':>7}"]
-    for r in rows:
-        lines.append(f"{r['image']:<18} {r['height']:>4}x{r['width']:<4} {r['file_bytes']:>7} "
-                     f"{r['bpp_payload']:>11.5f} {r['bpp_est']:>9.5f} {r['bpp_file']:>9.5f} {r['rel_diff']:>+7.2%}")
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- files
-def save_image(image: Tensor, path: str | Path) -> Path:
-    """Save a (3, H, W) image in [-1, 1] as an 8-bit RGB PNG at ``path``, atomically."""
-    from PIL import Image
-
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"expected an image of shape (3, H, W), got {tuple(image.shape)}")
-    pixels = ((torch.nan_to_num(image.detach().float().cpu()) + 1.0) * 127.5).round().clamp(0, 255)
-    array = pixels.to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
-    return atomic_write(path, lambda handle: Image.fromarray(array).save(handle, format="PNG"))

@@ -224,7 +224,7 @@ def reference_checkpoint(weights: ReferenceWeights, model_config: Mapping[str, A
     ``model_config`` is the ``model`` node (as a plain dict) that rebuilds these modules; it is
     stored as the finished (finetune-stage) model so a later stage accepts it as ``init_from``.
     """
-    from onedc.stages.common import CHECKPOINT_FORMAT
+    from onedc.checkpoints import CHECKPOINT_FORMAT
 
     meta = {"format": CHECKPOINT_FORMAT, "stage": "finetune", "model": dict(model_config), "tokenizer": {},
             "imported_from": str(source) if source is not None else None}

@@ -11,8 +11,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
+
+from onedc.callbacks.tensorboard import first_validation_images, tensorboard_logger
+
+__all__ = ["ImageGridCallback", "first_validation_images", "image_grid"]
 
 
 def image_grid(original: Tensor, decoded: Tensor) -> Tensor:
@@ -21,29 +24,6 @@ def image_grid(original: Tensor, decoded: Tensor) -> Tensor:
 
     pairs = torch.stack([original, decoded], dim=1).flatten(0, 1)  # o0, d0, o1, d1, ...
     return make_grid(((pairs.float() + 1) / 2).clamp(0, 1), nrow=2, padding=2)
-
-
-def first_validation_images(trainer: pl.Trainer, count: int) -> Tensor | None:
-    """The first ``count`` images (B, 3, H, W) on the CPU of the run's validation loader, None without one.
-
-    The same images every call (the validation loader is not shuffled), drawn without touching the
-    training run's random state.
-    """
-    datamodule = getattr(trainer, "datamodule", None)
-    loaders: Any = datamodule.val_dataloader() if datamodule is not None else trainer.val_dataloaders
-    if isinstance(loaders, (list, tuple)):
-        loaders = loaders[0] if loaders else None
-    if loaders is None:
-        return None
-    images: list[Tensor] = []
-    # Iterating a DataLoader draws its base seed from the global RNG: fork it, so logging
-    # images does not change the training run's random crops.
-    with torch.random.fork_rng(devices=[]):
-        for batch in loaders:
-            images.append((batch[0] if isinstance(batch, (list, tuple)) else batch).cpu())
-            if sum(len(b) for b in images) >= count:
-                break
-    return torch.cat(images)[:count] if images else None
 
 
 class ImageGridCallback(Callback):
@@ -67,10 +47,6 @@ class ImageGridCallback(Callback):
         self._batch: Tensor | None = None
         self._last_step = -1
 
-    @staticmethod
-    def _tensorboard(trainer: pl.Trainer) -> TensorBoardLogger | None:
-        return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-
     def _fixed_batch(self, trainer: pl.Trainer) -> Tensor | None:
         if self._batch is None:
             self._batch = first_validation_images(trainer, self.num_images)
@@ -79,7 +55,7 @@ class ImageGridCallback(Callback):
     @torch.no_grad()
     def log_grid(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor | None:
         """Decode the fixed batch with ``pl_module.reconstruct`` and log the grid; returns it (or None)."""
-        logger = self._tensorboard(trainer)
+        logger = tensorboard_logger(trainer)
         batch = self._fixed_batch(trainer) if logger is not None else None
         if batch is None:
             return None

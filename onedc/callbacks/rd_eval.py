@@ -6,7 +6,7 @@
       first `max_images` validation images (fixed)
         ─ OneDCCodec.from_modules(vae, codec, generator)   snapshot of the weights validation used
         ─ compress_image ─> bytes ─> bpp_real = 8·bytes / pixels
-        ─ decompress_bytes ─> x̂ ─> PSNR, MS-SSIM (8-bit, as onedc.evaluation)
+        ─ decompress_bytes ─> x̂ ─> PSNR, MS-SSIM (8-bit, the convention of onedc.eval.pixels)
       ─> rd/bpp_real, rd/psnr, rd/ms_ssim scalars
       ─> rd/curve image: this run's (bpp, PSNR) trajectory over JPEG / WebP ladders of the same images
 
@@ -28,10 +28,15 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
 from torch import Tensor
 
-from onedc.callbacks.images import first_validation_images
+from onedc.callbacks.tensorboard import first_validation_images, tensorboard_logger
+from onedc.eval.anchors import JPEG_QUALITIES, WEBP_QUALITIES, pillow_decode, pillow_encode
+from onedc.eval.pixels import ms_ssim_uint8, psnr_uint8
+from onedc.eval.report import aggregate, rd_plot
+from onedc.images import to_uint8
+from onedc.inference import OneDCCodec
 
 log = logging.getLogger("onedc")
 
@@ -58,16 +63,9 @@ class RDEvalCallback(Callback):
         self._baseline_entries: list[dict[str, Any]] | None = None
         self._warned = False
 
-    @staticmethod
-    def _tensorboard(trainer: pl.Trainer) -> TensorBoardLogger | None:
-        return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-
     def _baseline(self, references: list[Tensor]) -> list[dict[str, Any]]:
         """Aggregate JPEG/WebP ladder entries of the fixed images (computed once: they never change)."""
         if self._baseline_entries is None:
-            from onedc.evaluation import (
-                JPEG_QUALITIES, WEBP_QUALITIES, aggregate, pillow_decode, pillow_encode, psnr_uint8, ms_ssim_uint8)
-
             rows = []
             for codec, qualities in (("jpeg", JPEG_QUALITIES), ("webp", WEBP_QUALITIES)):
                 for quality in qualities:
@@ -83,9 +81,6 @@ class RDEvalCallback(Callback):
     @torch.no_grad()
     def evaluate(self, pl_module: pl.LightningModule) -> dict[str, float]:
         """Code the fixed images with the module's current weights: mean bpp_real, psnr, ms_ssim."""
-        from onedc.evaluation import ms_ssim_uint8, psnr_uint8, to_uint8
-        from onedc.inference import OneDCCodec
-
         identity = getattr(pl_module, "identity", None)
         bundle = OneDCCodec.from_modules(pl_module.vae, pl_module.codec, getattr(pl_module, "generator", None),
                                          model_config=getattr(identity, "model", None))
@@ -101,7 +96,7 @@ class RDEvalCallback(Callback):
                 "ms_ssim": float(np.mean(ms_ssim)) if None not in ms_ssim else float("nan")}
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        logger = self._tensorboard(trainer)
+        logger = tensorboard_logger(trainer)
         if logger is None or not trainer.is_global_zero:
             return
         if getattr(trainer.strategy, "zero_stage_3", False):
@@ -124,10 +119,6 @@ class RDEvalCallback(Callback):
 
     def plot(self) -> np.ndarray:
         """The RD plot (H, W, 3) uint8: the run's trajectory over the baselines' ladders."""
-        from PIL import Image
-
-        from onedc.evaluation import rd_plot, to_uint8
-
         entries = self._baseline([to_uint8(x) for x in self._images]) if self.baselines else []
         last = self.history[-1]["step"] if self.history else 0
         png = rd_plot(entries, history=self.history,

@@ -1,4 +1,4 @@
-"""Folders of photos as a Lightning data module: decoding, splitting, cropping.
+"""Folders of photos as a Lightning data module: splitting, cropping, the Lightning side.
 
 Data flow::
 
@@ -18,176 +18,34 @@ With ``root=None`` the module trains on photos that ship inside scikit-image and
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import lightning
-import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.utilities import rank_zero_warn
-from PIL import Image, ImageOps
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from onedc.errors import ConfigError, ImageReadError, OneDCError
+from onedc.images import IMAGE_SUFFIXES, list_images, load_image, probe_short_side
+from onedc.datamodules.sampler import ResumableDataLoader, ResumableSampler
+from onedc.samples import sample_photo_paths
 
-IMAGE_SUFFIXES: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
-)
+# Decoding lives in onedc.images and the sample photos in onedc.samples; these names stay
+# importable from here for older callers.
+__all__ = ["FULL_DECODE_LIMIT", "IMAGE_SUFFIXES", "SMALL_IMAGE_POLICIES", "ImageCropDataset", "ImageFolderDataModule",
+           "ResumableDataLoader", "ResumableSampler", "list_images", "load_image", "sample_photo_paths"]
+
 SmallImagePolicy = Literal["upscale", "pad", "skip"]
 SMALL_IMAGE_POLICIES: tuple[str, ...] = ("upscale", "pad", "skip")
 
 # Above this many files, setup() only checks headers (Image.verify) instead of decoding every
 # file: a full decode of a large folder would delay the first step by minutes.
 FULL_DECODE_LIMIT = 2000
-
-_SKIMAGE_PHOTOS = (
-    "astronaut.png",
-    "chelsea.png",
-    "coffee.png",
-    "rocket.jpg",
-    "motorcycle_left.png",
-    "motorcycle_right.png",
-)
-_MATPLOTLIB_PHOTO = "grace_hopper.jpg"
-_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
-_TRANSPARENT_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
-
-
-def _read_error(path: Path, exc: BaseException) -> ImageReadError:
-    """Turn whatever Pillow raised into the one error type callers handle, naming the file."""
-    if isinstance(exc, FileNotFoundError):
-        reason, advice = "no such file", "Check the path"
-    elif isinstance(exc, IsADirectoryError):
-        reason, advice = "it is a directory", "Pass an image file"
-    elif isinstance(exc, Image.UnidentifiedImageError):
-        reason, advice = "not an image format Pillow recognises", "Remove or convert the file"
-    else:
-        reason = f"corrupt or truncated file ({type(exc).__name__}: {exc})"
-        advice = "Re-export or remove the file, or set data.skip_bad=true to drop unreadable files with a warning"
-    return ImageReadError(f"cannot read image {path}: {reason}. {advice}.")
-
-
-def _to_unit_rgb(image: Image.Image) -> np.ndarray:
-    """Convert any Pillow mode to a float32 (H, W, 3) array in [0, 1], alpha over white."""
-    mode = image.mode
-    if mode in _SIXTEEN_BIT_MODES or mode == "I":
-        # Pillow opens 16-bit grayscale PNG/TIFF as I;16 (or I in older releases); going
-        # through convert("L") would clip at 255 instead of scaling, so scale by 65535 here.
-        gray = np.clip(np.asarray(image).astype(np.float32) / 65535.0, 0.0, 1.0)
-    elif mode == "F":
-        # Float images carry no declared range; [0, 1] is the common convention.
-        gray = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
-    else:
-        gray = None
-    if gray is not None:
-        return np.repeat(gray[..., None], 3, axis=-1)
-    if mode in _TRANSPARENT_MODES or "transparency" in image.info:
-        # convert("RGBA") also applies palette/tRNS transparency; compositing on white keeps
-        # transparent regions from turning black, which is what viewers show.
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
-        alpha = rgba[..., 3:]
-        return rgba[..., :3] * alpha + (1.0 - alpha)
-    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-
-
-def load_image(path: str | Path) -> Tensor:
-    """Read one image file into a float32 tensor of shape (3, H, W) with values in [-1, 1].
-
-    Any Pillow mode is accepted: grayscale (L, I;16, I, F) is repeated over three channels,
-    16-bit data is scaled by 65535 (not 255), images with alpha or palette transparency are
-    composited on white, and the EXIF orientation is applied. Truncated files are decoded
-    eagerly, so they fail here (this relies on ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` being
-    left False, which onedc never changes). Every failure, including a missing file, raises
-    :class:`~onedc.errors.ImageReadError` with a message naming ``path``.
-    """
-    path = Path(path)
-    try:
-        with Image.open(path) as image:
-            # Pillow decodes lazily; load() inside the try makes truncation fail here.
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            rgb = _to_unit_rgb(image)
-    # Pillow's format plugins raise a wide variety of types for corrupt data (OSError,
-    # SyntaxError, ValueError, struct.error, ...); all of them mean "unreadable file".
-    except Exception as exc:  # noqa: BLE001
-        raise _read_error(path, exc) from exc
-    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))) * 2.0 - 1.0
-
-
-def _probe_short_side(path: Path, full_decode: bool) -> int:
-    """Open ``path`` once and return its short side; raise ImageReadError if unreadable."""
-    try:
-        with Image.open(path) as image:
-            short_side = min(image.size)  # EXIF rotation swaps sides but keeps the minimum
-            if full_decode:
-                image.load()
-            else:
-                image.verify()
-    except Exception as exc:  # noqa: BLE001 - see load_image
-        raise _read_error(path, exc) from exc
-    return short_side
-
-
-def sample_photo_paths() -> dict[str, Path]:
-    """Return the embedded default photos, keyed by file stem ("astronaut", "grace_hopper", ...).
-
-    These are real photographs that ship inside installed packages: six from scikit-image's
-    ``skimage/data`` folder (astronaut, chelsea, coffee, rocket, motorcycle_left,
-    motorcycle_right) and matplotlib's ``grace_hopper.jpg``. They are found through each
-    package's own install path; nothing is ever downloaded. Raises
-    :class:`~onedc.errors.OneDCError` if a package or one of its files is missing.
-    """
-    try:
-        import matplotlib
-        import skimage.data
-    except ImportError as exc:
-        raise OneDCError(
-            f"the sample photos need scikit-image and matplotlib ({exc}). "
-            "Install them with `pip install scikit-image matplotlib` (or `pip install "
-            "onedc[samples]`), or pass a folder of your own images as root."
-        ) from exc
-    skimage_dir = Path(skimage.data.__file__).parent
-    paths = [skimage_dir / name for name in _SKIMAGE_PHOTOS]
-    paths.append(Path(matplotlib.get_data_path()) / "sample_data" / _MATPLOTLIB_PHOTO)
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise OneDCError(
-            f"sample photos are missing from the installed packages: {', '.join(missing)}. "
-            "Reinstall them with `pip install --force-reinstall scikit-image matplotlib`, "
-            "or pass a folder of your own images as root."
-        )
-    return {p.stem: p for p in paths}
-
-
-def list_images(root: str | Path) -> list[Path]:
-    """List the image files under ``root``, recursively, sorted by relative path.
-
-    A file counts as an image when its suffix is one of :data:`IMAGE_SUFFIXES` (compared
-    case-insensitively). Hidden files and folders (names starting with ".") are left out,
-    because they are editor or OS debris such as macOS ``._photo.jpg`` resource forks, which
-    carry an image suffix but are not images. Raises :class:`~onedc.errors.OneDCError` naming
-    ``root`` when it is not a folder or holds no image.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise OneDCError(f"image folder {root} does not exist or is not a folder. Check the path.")
-    files = [
-        p
-        for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        and p.is_file()
-    ]
-    if not files:
-        raise OneDCError(
-            f"image folder {root} holds no images (looked recursively for "
-            f"{', '.join(sorted(IMAGE_SUFFIXES))}). Put images there or pass another folder."
-        )
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
 def _fit_to_crop(image: Tensor, crop_size: int, small_images: str) -> Tensor:
@@ -291,61 +149,6 @@ class ImageCropDataset(Dataset[Tensor]):
         if self.train and bool(torch.rand((), generator=generator) < 0.5):
             crop = crop.flip(-1)
         return crop.contiguous()
-
-
-class ResumableSampler(Sampler[tuple[int, int]]):
-    """Shuffled, rank-sharded sample order that is a pure function of (seed, batches consumed).
-
-    Epoch ``e`` visits a permutation drawn from ``seed`` and ``e``; rank ``r`` of ``w`` takes
-    every ``w``-th entry (truncated so all ranks get the same number of full batches). Each key
-    is ``(index, crop_seed)`` so that crops do not depend on a global RNG either. Built with
-    ``start_batch`` (batches already consumed by this rank), the first pass skips ahead: a run
-    resumed at global step ``k`` sees exactly the batches an uninterrupted run would.
-    """
-
-    def __init__(self, length: int, *, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 start_batch: int = 0) -> None:
-        self.length, self.batch_size, self.seed = length, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.batches_per_epoch = max(1, (length // world_size) // batch_size)
-        self.epoch, self._skip = divmod(start_batch, self.batches_per_epoch)
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch * self.batch_size
-
-    def _key(self, *parts: int) -> int:
-        value = self.seed
-        for part in parts:
-            value = (value * 1_000_003 + part) % (2**62)
-        return value
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self._key(self.epoch)))
-        shard = order[self.rank :: self.world_size][: len(self)].tolist()
-        start = self._skip * self.batch_size
-        epoch, self._skip = self.epoch, 0
-        self.epoch += 1
-        for position in range(start, len(shard)):
-            yield shard[position], self._key(epoch, position, self.rank)
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader that Lightning treats as resumable (it has ``state_dict``).
-
-    The position is not stored in the loader state: :class:`ResumableSampler` derives it from
-    the restored global step when the loader is built, which is exact even though Lightning
-    prefetches a batch ahead of the one being trained on.
-    """
-
-    def state_dict(self) -> dict[str, Any]:
-        sampler = self.batch_sampler.sampler if self.batch_sampler is not None else self.sampler
-        return {"order": "onedc-resumable-v1", "seed": getattr(sampler, "seed", None)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        sampler = self.batch_sampler.sampler if self.batch_sampler is not None else self.sampler
-        if state.get("seed") not in (None, getattr(sampler, "seed", None)):
-            rank_zero_warn(f"resuming with data seed {getattr(sampler, 'seed', None)} but the checkpoint "
-                           f"used {state.get('seed')}: the sample order differs from the interrupted run")
 
 
 class ImageFolderDataModule(lightning.LightningDataModule):
@@ -490,7 +293,7 @@ class ImageFolderDataModule(lightning.LightningDataModule):
         kept = []
         for path in files:
             try:
-                short_side = _probe_short_side(path, full_decode)
+                short_side = probe_short_side(path, full_decode)
             except ImageReadError as exc:
                 if not self.skip_bad:
                     raise

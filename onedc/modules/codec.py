@@ -40,6 +40,7 @@ from onedc.modules.decisions import (
     float64_call,
 )
 from onedc.modules.fsq import FSQ
+from onedc.modules.positions import sincos_2d  # the "unit" position code of the semantic tokens
 
 # The estimated rate must be the rate of the file. Measured on the 7 sample photos with three
 # distill checkpoints: +0.4 ... +2.0% (all positive: rANS's fixed flush) with these settings,
@@ -94,20 +95,6 @@ class DecodedLatents(NamedTuple):
     tokens: Tensor
     features: Tensor
     latent_hat: Tensor
-
-
-def sincos_2d(height: int, width: int, dim: int, device: torch.device | None = None) -> Tensor:
-    """Fixed 2D sin-cos position code (L, dim) over a unit grid, valid for any image size."""
-    if dim % 4:
-        raise ValueError(f"token_dim must be a multiple of 4 for 2D sin-cos positions, got {dim}")
-    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
-    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
-    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-    freqs = 2.0 ** torch.arange(dim // 4, device=device, dtype=torch.float32) * math.pi
-    parts = []
-    for coord in (grid_y.reshape(-1, 1), grid_x.reshape(-1, 1)):
-        parts += [torch.sin(coord * freqs), torch.cos(coord * freqs)]
-    return torch.cat(parts, dim=1)
 
 
 def pack_indices(indices: np.ndarray, bits: int) -> bytes:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from onedc.errors import WeightsError
+from onedc.modules.weights import diffusers_model_dir
 
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 
@@ -170,15 +171,9 @@ class PatchDiscriminator(nn.Module):
 def _load_unet(pretrained: str | Path) -> nn.Module:
     import diffusers
 
-    path = Path(pretrained).expanduser()
-    if (path / "unet" / "config.json").is_file():  # a full SD pipeline directory
-        path = path / "unet"
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise WeightsError(f"critic UNet weights not found at {path}: expected a diffusers UNet directory "
-                           "(config.json + diffusion_pytorch_model.safetensors) or an SD model dir with unet/. "
-                           "Set discriminator.pretrained=DIR, or null for a random critic")
-    name = json.loads(config_file.read_text()).get("_class_name", "UNet2DConditionModel")
+    path = diffusers_model_dir(str(pretrained), "unet", "the critic's diffusers UNet directory",
+                               "discriminator.pretrained")
+    name = json.loads((path / "config.json").read_text()).get("_class_name", "UNet2DConditionModel")
     if name not in UNET_CLASSES:
         raise WeightsError(f"{path} holds a {name}; the diffusion critic needs one of {UNET_CLASSES}")
     try:

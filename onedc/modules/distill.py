@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from onedc.errors import ConfigError
 from onedc.modules.codeformer_head import CodeformerHead
+from onedc.modules.positions import sincos_2d
 from onedc.modules.teachers import TeacherTargets
 
 __all__ = ["DistillOutput", "SemanticDistillLoss", "SemanticPredictorHead", "sincos_pos_embed_2d"]
@@ -50,25 +51,9 @@ class DistillOutput(NamedTuple):
 
 def sincos_pos_embed_2d(dim: int, height: int, width: int, *, device: torch.device | None = None,
                         dtype: torch.dtype = torch.float32) -> Tensor:
-    """Fixed 2D sine-cosine position embedding of shape (height*width, dim), row-major.
-
-    Half the channels encode the row, half the column (MAE-style). Being a function of the grid
-    rather than a learned table, it works at any grid size, so the head runs unchanged on crops
-    and full images.
-    """
-    if dim % 4:
-        raise ConfigError(f"sincos position embedding needs a dim divisible by 4, got {dim}")
-    quarter = dim // 4
-    omega = 1.0 / (10000.0 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter))
-    rows = torch.arange(height, device=device, dtype=torch.float32)
-    cols = torch.arange(width, device=device, dtype=torch.float32)
-    grid_y, grid_x = torch.meshgrid(rows, cols, indexing="ij")
-
-    def encode(pos: Tensor) -> Tensor:
-        angles = pos.reshape(-1, 1) * omega[None]
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    return torch.cat([encode(grid_y), encode(grid_x)], dim=1).to(dtype)
+    """The head's fixed (height*width, dim) position code: :func:`onedc.modules.positions.sincos_2d`
+    with integer ("index") positions, MAE-style, so the head runs unchanged on crops and full images."""
+    return sincos_2d(height, width, dim, device, scale="index", dtype=dtype)
 
 
 class SemanticPredictorHead(nn.Module):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from onedc.errors import ConfigError, WeightsError
+from onedc.modules.weights import find_weight_file, weight_file_candidates
 
 log = logging.getLogger("onedc")
 
@@ -98,15 +99,10 @@ def alexnet_weights_path(location: str | Path | None) -> Path:
     it, in its ``checkpoints/`` or in its ``hub/checkpoints/`` (a torch hub or TORCH_HOME dir).
     Raises :class:`WeightsError` naming the file and where to put it when nothing is found.
     """
-    if location is None:
-        candidates = [Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE]
-    else:
-        path = Path(location).expanduser()
-        candidates = [path] if path.suffix in (".pth", ".pt") else [
-            path / ALEXNET_FILE, path / "checkpoints" / ALEXNET_FILE, path / "hub" / "checkpoints" / ALEXNET_FILE]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
+    candidates = weight_file_candidates(ALEXNET_FILE, location)
+    found = find_weight_file(ALEXNET_FILE, location)
+    if found is not None:
+        return found
     raise WeightsError(
         f"LPIPS needs torchvision's ImageNet AlexNet weights, file {ALEXNET_FILE} ({ALEXNET_URL}), and none was "
         f"found at: {', '.join(str(c) for c in candidates)}. Download it on a machine with network access and "

@@ -12,6 +12,7 @@ of onedc (inference, export, the next stage's ``init_from``):
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -19,7 +20,10 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-CHECKPOINT_FORMAT = 1
+from onedc.checkpoints import CHECKPOINT_FORMAT
+from onedc.modules.coding_tables import fit_cdf_buffers
+
+__all__ = ["CHECKPOINT_FORMAT", "ModelIdentity", "OptimizerSpec", "StageModule", "freeze", "quadratic_ramp"]
 
 
 @dataclass(frozen=True)
@@ -109,8 +113,6 @@ class StageModule(pl.LightningModule):
 
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero:
-            import logging
-
             logging.getLogger("onedc").info("%s %s", self.identity.stage, self.summary())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -135,9 +137,4 @@ class StageModule(pl.LightningModule):
         # CDF buffers change size with update(): resize ours before Lightning's strict load.
         codec = getattr(self, "codec", None)
         if codec is not None:
-            from compressai.models.utils import update_registered_buffers
-
-            update_registered_buffers(
-                codec.gaussian_conditional, "codec.gaussian_conditional",
-                ["_quantized_cdf", "_offset", "_cdf_length", "scale_table"], checkpoint["state_dict"],
-            )
+            fit_cdf_buffers(codec.gaussian_conditional, "codec.gaussian_conditional", checkpoint["state_dict"])

@@ -43,12 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from onedc.eval.pixels import psnr
 from onedc.modules.codec import HyperpriorCodec, HyperpriorOutput
 from onedc.modules.generator import OneStepGenerator
 from onedc.modules.losses import GANLoss, PerceptualLoss, adaptive_gan_weight, discriminator_accuracy
 from onedc.modules.vae import FrozenVAE
 from onedc.stages.common import ModelIdentity, OptimizerSpec
-from onedc.stages.latent import LatentStage, psnr
+from onedc.stages.latent import LatentStage
 
 PIXEL_LOSSES = ("l1", "mse")
 GENERATOR_GROUP, DISCRIMINATOR_GROUP = "generator", "discriminator"

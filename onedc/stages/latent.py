@@ -21,18 +21,13 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from onedc.eval.pixels import psnr  # val/psnr: the 8-bit convention of onedc eval and rd/psnr
 from onedc.modules.codec import HyperpriorCodec, HyperpriorOutput
 from onedc.modules.generator import OneStepGenerator
 from onedc.modules.vae import FrozenVAE
 from onedc.stages.common import ModelIdentity, OptimizerSpec, StageModule, freeze
 
 LATENT_LOSSES = ("mse", "l1")
-
-
-def psnr(x_hat: Tensor, x: Tensor) -> Tensor:
-    """Per-image PSNR (B,) in dB of images in [-1, 1] (peak 1 after mapping to [0, 1])."""
-    mse = (((x_hat.float().clamp(-1, 1) - x.float()) / 2) ** 2).flatten(1).mean(dim=1)
-    return -10 * torch.log10(mse.clamp_min(1e-10))
 
 
 class LatentStage(StageModule):

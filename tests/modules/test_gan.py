@@ -106,7 +106,7 @@ def test_diffusion_critic_reuses_a_pretrained_unet_encoder(tmp_path, diffusion_c
     assert torch.equal(critic.conv_in.weight, unet.conv_in.weight)
     assert torch.equal(critic.mid_block.resnets[0].conv1.weight, unet.mid_block.resnets[0].conv1.weight)
     assert not any(name.startswith(("up_blocks", "conv_out")) for name, _ in critic.named_parameters())
-    with pytest.raises(WeightsError, match="critic UNet weights not found"):
+    with pytest.raises(WeightsError, match="weights not found at .*critic"):
         build_diffusion_discriminator(latent_channels=4, pretrained=tmp_path / "missing")
     with pytest.raises(WeightsError, match="takes 4 channels"):
         build_diffusion_discriminator(latent_channels=16, pretrained=tmp_path)

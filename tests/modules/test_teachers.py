@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import save_file
 
-import onedc.modules.teachers as teachers_module
+import onedc.modules.teachers.quick_train as teachers_module
 from onedc.datamodules import load_image, sample_photo_paths
 from onedc.errors import ConfigError, WeightsError
 from onedc.modules.teachers import (
