@@ -172,33 +172,35 @@ def make_strategy(trainer_cfg: DictConfig) -> Any:
 
 
 def make_trainer(cfg: DictConfig, stage_cfg: DictConfig, stage_dir: Path, strategy: Any = None,
-                 extra_callbacks: list | None = None):
-    """A Lightning ``Trainer`` for one stage, writing only under ``stage_dir``."""
-    import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+                 extra_callbacks: list | None = None, module: Any = None):
+    """A Lightning ``Trainer`` for one stage, writing only under ``stage_dir``.
 
-    from onedc.callbacks import AtomicCheckpointIO, RDEvalCallback, RNGStateCallback
+    Its callbacks are the one ordered list of :func:`onedc.callbacks.training_callbacks`, with
+    ``module.stage_callbacks()`` (EMA, image grids) in their checked place.
+    """
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from onedc.callbacks import AtomicCheckpointIO, training_callbacks
 
     tcfg = cfg.trainer
     ckpt_dir = stage_dir / "checkpoints"
     every = int(stage_cfg.checkpoint_every_n_steps)
-    callbacks = [
+    checkpoints = [
         ModelCheckpoint(dirpath=ckpt_dir, filename="step={step:06d}", auto_insert_metric_name=False,
                         monitor="step", mode="max", save_top_k=2, every_n_train_steps=every, save_last=True),
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1,
                         auto_insert_metric_name=False),
-        RNGStateCallback(),
     ]
     logger: Any = False
-    if str(tcfg.logger) == "tensorboard":
+    tensorboard = str(tcfg.logger) == "tensorboard"
+    if tensorboard:
         from lightning.pytorch.loggers import TensorBoardLogger
 
         logger = TensorBoardLogger(save_dir=str(stage_dir), name="tb", version="", default_hp_metric=False)
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
-        # Real files on a few validation images at every validation. A Trainer callback (not a
-        # stage one) so that it runs before the EMA callback swaps the raw weights back.
-        callbacks.append(RDEvalCallback(max_images=int(stage_cfg.get("rd_eval_images", 4))))
-    callbacks += list(extra_callbacks or [])
+    callbacks = training_callbacks(module.stage_callbacks() if module is not None else [], checkpoints=checkpoints,
+                                   tensorboard=tensorboard, rd_eval_images=int(stage_cfg.get("rd_eval_images", 4)),
+                                   extra=list(extra_callbacks or []))
     max_steps = int(tcfg.max_steps) if tcfg.get("max_steps") is not None else int(stage_cfg.max_steps)
     return pl.Trainer(
         default_root_dir=str(stage_dir),
@@ -278,7 +280,7 @@ def run_stage(cfg: DictConfig, stage_cfg: DictConfig, init_from: str | Path | No
         resolved = OmegaConf.to_container(cfg, resolve=True)
         resolved["stage"] = OmegaConf.to_container(stage_cfg, resolve=True)
         atomic_write_text(sdir / "config.yaml", OmegaConf.to_yaml(resolved))
-    trainer = make_trainer(cfg, stage_cfg, sdir, strategy=strategy)
+    trainer = make_trainer(cfg, stage_cfg, sdir, strategy=strategy, module=module)
     if resume is not None:
         log.info("resuming stage %s from %s", name, resume)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import zlib
-from typing import Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -84,35 +84,46 @@ def exact_mode(device: torch.device) -> Iterator[None]:
         yield
 
 
-def float64_call(module: nn.Module, *inputs: Tensor) -> Tensor:
+def float64_call(module: nn.Module, *inputs: Any) -> Any:
     """``module(*inputs)`` in float64 with contiguous weights, under :func:`exact_mode`.
 
     The module itself is left as it is (its dtype, memory format and gradients): its floating
-    parameters and buffers are cast for this call only (``torch.func.functional_call``).
+    parameters and buffers are cast for this call only (``torch.func.functional_call``). Tensor
+    inputs are cast to contiguous float64; other inputs (a callback) are passed as they are.
     """
     state = {name: (t.detach().to(torch.float64, memory_format=torch.contiguous_format)
                     if t.is_floating_point() else t)
              for name, t in itertools.chain(module.named_parameters(), module.named_buffers())}
-    args = tuple(x.detach().to(torch.float64, memory_format=torch.contiguous_format) for x in inputs)
-    device = args[0].device if args else torch.device("cpu")
+    args = tuple(x.detach().to(torch.float64, memory_format=torch.contiguous_format) if isinstance(x, Tensor) else x
+                 for x in inputs)
+    device = next((x.device for x in args if isinstance(x, Tensor)), torch.device("cpu"))
     with exact_mode(device), torch.no_grad():
         return torch.func.functional_call(module, state, args)
 
 
-def decide(means: Tensor, scales: Tensor, scale_table: Tensor) -> CodingDecisions:
+def decide(means: Tensor, scales: Tensor, scale_table: Tensor, snap: str = "up") -> CodingDecisions:
     """Float64 (μ, σ) -> integer decisions, with each decision's distance to its boundary.
 
-    ``scale_table`` holds the coder's table scales in increasing order. The index equals
-    CompressAI's ``GaussianConditional.build_indexes`` (the number of table scales below σ,
-    capped at the last table), computed here in float64 instead of the model's dtype.
+    ``scale_table`` holds the coder's table scales in increasing order. ``snap="up"`` codes σ
+    with the next table scale at or above it: the index equals CompressAI's
+    ``GaussianConditional.build_indexes`` (the number of table scales below σ, capped at the
+    last table). ``snap="down"`` codes it with the last table scale at or below it (the OneDC
+    reference, REFERENCE.md §7: the number of table scales after the first that are <= σ).
+    Both are computed here in float64 instead of the model's dtype.
     """
     m = torch.nan_to_num(means.to(torch.float64)) / MEAN_STEP
     codes = torch.round(m)
     mean_margin = (0.5 - (m - codes).abs()) / (GUARD * (1.0 + m.abs()))
     s = torch.nan_to_num(scales.to(torch.float64), nan=0.0)
     table = scale_table.to(device=s.device, dtype=torch.float64).reshape(-1)
-    bounds = table[:-1]  # σ <= bounds[k] or not decides each step of the index
-    indexes = torch.searchsorted(bounds, s.contiguous(), side="left")
+    if snap == "up":
+        bounds = table[:-1]  # σ <= bounds[k] or not decides each step of the index
+        indexes = torch.searchsorted(bounds, s.contiguous(), side="left")
+    elif snap == "down":
+        bounds = table[1:]  # σ >= bounds[k] or not
+        indexes = torch.searchsorted(bounds, s.contiguous(), side="right")
+    else:
+        raise ValueError(f"snap must be 'up' or 'down', got {snap!r}")
     below = bounds[(indexes - 1).clamp(min=0)]  # largest bound < σ (when indexes > 0)
     above = bounds[indexes.clamp(max=bounds.numel() - 1)]  # smallest bound >= σ (when indexes < L-1)
     inf = torch.full_like(s, float("inf"))
@@ -123,7 +134,8 @@ def decide(means: Tensor, scales: Tensor, scale_table: Tensor) -> CodingDecision
 
 
 # ------------------------------------------------------------------------------ the fix list
-def _varint(value: int, out: bytearray) -> None:
+def write_varint(value: int, out: bytearray) -> None:
+    """Append ``value`` (>= 0) to ``out`` as an LEB128 varint (7 bits a byte, low bits first)."""
     while True:
         byte = value & 0x7F
         value >>= 7
@@ -132,7 +144,8 @@ def _varint(value: int, out: bytearray) -> None:
             return
 
 
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+def read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """The LEB128 varint at ``data[pos:]`` and the position after it; ``ValueError`` if malformed."""
     value = shift = 0
     while True:
         if pos >= len(data):
@@ -158,12 +171,12 @@ def encode_fixes(decisions: CodingDecisions) -> bytes:
     codes = decisions.mean_codes.reshape(-1)[positions].cpu().tolist() if positions else []
     indexes = decisions.indexes.reshape(-1)[positions].cpu().tolist() if positions else []
     out = bytearray()
-    _varint(len(positions), out)
+    write_varint(len(positions), out)
     previous = 0
     for pos, code, index in zip(positions, codes, indexes):
-        _varint(pos - previous, out)
-        _varint((code << 1) ^ (code >> 63), out)  # zigzag: small |code| -> few bytes
-        _varint(index, out)
+        write_varint(pos - previous, out)
+        write_varint((code << 1) ^ (code >> 63), out)  # zigzag: small |code| -> few bytes
+        write_varint(index, out)
         previous = pos
     return bytes(out)
 
@@ -174,16 +187,16 @@ def apply_fixes(decisions: CodingDecisions, data: bytes, num_tables: int) -> Cod
     Raises ``ValueError`` when the list is malformed (positions out of range, an index outside
     the ``num_tables`` tables, bytes left over).
     """
-    count, pos = _read_varint(data, 0)
+    count, pos = read_varint(data, 0)
     size = decisions.mean_codes.numel()
     if count > size:
         raise ValueError(f"fix list names {count} symbols, the image has {size}")
     flat_pos, codes, indexes = [], [], []
     previous = 0
     for _ in range(count):
-        delta, pos = _read_varint(data, pos)
-        zig, pos = _read_varint(data, pos)
-        index, pos = _read_varint(data, pos)
+        delta, pos = read_varint(data, pos)
+        zig, pos = read_varint(data, pos)
+        index, pos = read_varint(data, pos)
         previous += delta
         if previous >= size or (flat_pos and delta == 0) or index >= num_tables:
             raise ValueError("fix list names a symbol or a table that does not exist")
@@ -205,9 +218,11 @@ def apply_fixes(decisions: CodingDecisions, data: bytes, num_tables: int) -> Cod
     return CodingDecisions(mean_codes.view(shape), table_indexes.view(shape), margin.view(shape))
 
 
-def decision_checksum(decisions: CodingDecisions, symbols: Tensor) -> int:
-    """CRC32 over one image's mean codes, table indexes and coded symbols (int32, little-endian)."""
-    crc = 0
+def decision_checksum(decisions: CodingDecisions, symbols: Tensor, crc: int = 0) -> int:
+    """CRC32 over one image's mean codes, table indexes and coded symbols (int32, little-endian).
+
+    ``crc`` continues a running checksum (several coding steps of one image).
+    """
     for tensor in (decisions.mean_codes, decisions.indexes, symbols):
         array = tensor.detach().reshape(-1).to(torch.int32).cpu().numpy().astype("<i4", copy=False)
         crc = zlib.crc32(np.ascontiguousarray(array).tobytes(), crc)

@@ -69,7 +69,9 @@ class StepCoder(Protocol):
     """What a step's integer residual q is: ``coder(step, mask, means, scales) -> q``.
 
     ``means`` and ``scales`` are already masked (zero off ``mask``); the return value must be
-    integer-valued on ``mask`` and zero elsewhere, shaped like ``means``.
+    integer-valued on ``mask`` and zero elsewhere, shaped like ``means``. An entropy coder that
+    codes with rounded means (``onedc.modules.decisions``) returns ``(q, coded_means)`` instead,
+    and ŷ then takes ``q + coded_means``.
     """
 
     def __call__(self, step: int, mask: Tensor, means: Tensor, scales: Tensor) -> Tensor: ...
@@ -127,6 +129,8 @@ def run_context_model(step_prior: StepPrior, coder: StepCoder, shape: torch.Size
         mask = step_mask(step, channels, height, width, device=y_hat.device, dtype=dtype)
         means, scales = means_raw * mask, scales_raw * mask
         q = coder(step, mask, means, scales)
+        if isinstance(q, tuple):  # (q, the means the coder codes with): an entropy coder's rounded μ
+            q, means = q
         if q.shape != means.shape:
             raise ValueError(f"step coder returned shape {tuple(q.shape)}, expected {tuple(means.shape)}")
         y_hat = y_hat + (q + means)
