@@ -77,6 +77,14 @@ class StageModule(pl.LightningModule):
 
     summary_keys: tuple[str, ...] = ("loss",)
 
+    def stage_callbacks(self) -> list[pl.Callback]:
+        """Callbacks this stage needs (EMA, image grids); none by default.
+
+        Not Lightning's ``configure_callbacks``: the pipeline merges them into the one ordered
+        list of :func:`onedc.callbacks.training_callbacks`, where their place is checked.
+        """
+        return []
+
     def __init__(self, identity: ModelIdentity) -> None:
         super().__init__()
         self.identity = identity

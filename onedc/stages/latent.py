@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from onedc.callbacks import EMACallback, ImageGridCallback
 from onedc.eval.pixels import psnr  # val/psnr: the 8-bit convention of onedc eval and rd/psnr
 from onedc.modules.codec import HyperpriorCodec, HyperpriorOutput
 from onedc.modules.generator import OneStepGenerator
@@ -130,10 +131,9 @@ class LatentStage(StageModule):
         optimizer = self.optimizer_spec.build(params)
         return {"optimizer": optimizer, "lr_scheduler": self.optimizer_spec.scheduler(optimizer)}
 
-    def configure_callbacks(self) -> list[Callback]:
-        """The stage's own callbacks (Lightning merges them into the Trainer's): EMA + image grids."""
-        from onedc.callbacks import EMACallback, ImageGridCallback
-
+    def stage_callbacks(self) -> list[Callback]:
+        """The stage's own callbacks, EMA then image grids; the pipeline places them after the RD
+        evaluation (:func:`onedc.callbacks.training_callbacks`)."""
         callbacks: list[Callback] = []
         if self.ema_decay is not None:
             # A trained codec is averaged too: the EMA generator was fitted to a moving codec.

@@ -230,8 +230,8 @@ def finetune_run(latent_ckpt, small_photos, tmp_path_factory):
         "stage.latent_weight=0.05", "stage.lpips_weight=0.05"])
     probe = Probe()
     with pytest.MonkeyPatch.context() as monkeypatch:
-        original = FinetuneStage.configure_callbacks
-        monkeypatch.setattr(FinetuneStage, "configure_callbacks", lambda self: original(self) + [probe])
+        original = FinetuneStage.stage_callbacks
+        monkeypatch.setattr(FinetuneStage, "stage_callbacks", lambda self: original(self) + [probe])
         result = pipeline.run(cfg)[0]
     return cfg, result, probe.metrics
 
@@ -332,8 +332,8 @@ def test_finetune_under_deepspeed_zero2_on_cpu(latent_ckpt, tmp_path, isolated_d
                           "stage.val_every_n_steps=3", "stage.checkpoint_every_n_steps=3", "data.val_crop_size=128",
                           "stage.ema_decay=0.5"])
     probe = OptimizerProbe()
-    original = FinetuneStage.configure_callbacks
-    monkeypatch.setattr(FinetuneStage, "configure_callbacks", lambda self: original(self) + [probe])
+    original = FinetuneStage.stage_callbacks
+    monkeypatch.setattr(FinetuneStage, "stage_callbacks", lambda self: original(self) + [probe])
     result = pipeline.run_stage(cfg, cfg.stage, init_from=latent_ckpt, strategy=CPUDeepSpeedStrategy(stage=2))
 
     assert result.global_step == 3

@@ -59,8 +59,8 @@ class Probe(pl.Callback):
 
 def _run_with_probe(monkeypatch, cfg) -> tuple[Probe, list]:
     probe = Probe()
-    original = LatentStage.configure_callbacks
-    monkeypatch.setattr(LatentStage, "configure_callbacks", lambda self: original(self) + [probe])
+    original = LatentStage.stage_callbacks
+    monkeypatch.setattr(LatentStage, "stage_callbacks", lambda self: original(self) + [probe])
     return probe, pipeline.run(cfg)
 
 
