@@ -280,7 +280,7 @@ def _register_import_reference(sub: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------- entry point
-# name -> registrar(subparsers). Other modules add theirs (export, eval) here.
+# name -> registrar(subparsers), in the order `onedc --help` lists them.
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "compress": _register_compress,
     "decompress": _register_decompress,

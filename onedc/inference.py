@@ -240,7 +240,11 @@ class OneDCCodec(nn.Module):
 
     @torch.no_grad()
     def quantised_forward(self, x: Tensor) -> HyperpriorOutput:
-        """Codec forward pass (eval) on the padded image: ŷ, ẑ and likelihoods, as ``compress`` sees them."""
+        """Codec forward pass (eval) on the padded image: ŷ, ẑ and likelihoods, as ``compress`` sees them.
+
+        Public for the checks that compare against what the coder codes (the reference-parity and
+        portability checks, ``benchmarks/portability.py``).
+        """
         padded, _ = self._prepare(x)
         return self.codec(padded, self.vae.encode(padded))
 

@@ -1,6 +1,6 @@
 """Semantic distillation: a training-only head makes the hyperprior's semantics predict a teacher.
 
-OneDC's key idea (design §2): the semantic features ``sem`` decoded from the hyperprior are
+OneDC's key idea (docs/architecture.md §1): the semantic features ``sem`` decoded from the hyperprior are
 trained to predict a pretrained generative tokenizer's tokens, so the one-step generator is
 conditioned on something that already "means" the image::
 

@@ -1,4 +1,4 @@
-"""Stage 1, ``distill``: semantic distillation + rate-distortion in the latent (ONEDC.md §3.1).
+"""Stage 1, ``distill``: semantic distillation + rate-distortion in the latent (docs/architecture.md §3).
 
 ::
 

@@ -1,4 +1,4 @@
-"""Stage 3, ``finetune``: joint pixel + latent fine-tuning with perceptual and adversarial losses (ONEDC.md §3.3).
+"""Stage 3, ``finetune``: joint pixel + latent fine-tuning with perceptual and adversarial losses (docs/architecture.md §3).
 
 ::
 

@@ -1,4 +1,4 @@
-"""Stage 2, ``latent``: latent-domain pretraining of the one-step generator (ONEDC.md §3.2).
+"""Stage 2, ``latent``: latent-domain pretraining of the one-step generator (docs/architecture.md §3).
 
 ::
 
