@@ -8,6 +8,7 @@ module must be placed in it, so its layer is a decision, not an accident.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,7 @@ def imports(path: Path) -> list[tuple[int, str]]:
     return [(line, name) for line, name in found if name == "onedc" or name.startswith("onedc.")]
 
 
+@functools.lru_cache(maxsize=1)
 def graph() -> dict[str, set[str]]:
     edges: dict[str, set[str]] = {}
     for path in source_files():
