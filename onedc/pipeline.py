@@ -313,4 +313,23 @@ def run(cfg: DictConfig) -> list[StageResult]:
         result = run_stage(cfg, cfg.stage[name], init_from=init_from)
         results.append(result)
         init_from = result.final_ckpt
+    if cfg.stage.get("report", False) and _rank() == 0:
+        report(cfg, results)
     return results
+
+
+def report(cfg: DictConfig, results: list[StageResult]) -> Path | None:
+    """Write ``<run_dir>/report/`` for the chain's final checkpoints on the validation photos."""
+    from onedc.build import build_datamodule
+    from onedc.report import write_report
+
+    data = build_datamodule(cfg.data, seed=int(cfg.seed))
+    data.setup()
+    if data.val_set is None:
+        log.info("no validation photos (data.val_names / val_root / val_fraction): no report")
+        return None
+    out = Path(str(cfg.run_dir)) / "report"
+    write_report({r.name: r.final_ckpt for r in results}, list(data.val_set.files), out,
+                 say=lambda text: log.info("%s", text))
+    log.info("report: %s (rd.png, reconstructions.png, report.json)", out)
+    return out
