@@ -1,13 +1,16 @@
 """Test-wide set-up: no network, no caches outside temp dirs, few threads."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import tempfile
 
 import pytest
 
 _CACHE = tempfile.mkdtemp(prefix="onedc-test-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)  # quick-trained caches are ~MBs per session
 for _key, _value in {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
