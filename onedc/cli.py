@@ -258,9 +258,18 @@ def _import_reference_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _import_reference_checkpoint(args: argparse.Namespace) -> int:
-    # Reserved: the codec-checkpoint mode (CHECKPOINT_DIR --vae VAE_DIR -o OUT.ckpt) plugs in here.
-    raise OneDCError("import-reference CHECKPOINT_DIR (the released codec checkpoint) is not available yet; "
-                     "--tokenizer FILE -o DIR converts the MaskGIT-VQGAN teacher")
+    """CHECKPOINT_DIR --vae VAE_DIR -o OUT.ckpt: the released codec + generator + an SD-2.1 VAE."""
+    if args.vae is None:
+        raise OneDCError(f"import-reference {args.checkpoint} needs the VAE the checkpoint was trained with: "
+                         "add --vae DIR (a diffusers SD-2.1 VAE dir, e.g. stable-diffusion-2-1/vae)")
+    from onedc.config import compose, to_dict
+    from onedc.reference_import import import_reference
+
+    model = to_dict(compose([f"model={args.model}"]).model)
+    out = import_reference(args.checkpoint, args.vae, args.output, model_config=model, merge_lora=args.merge_lora)
+    _say(f"{args.checkpoint} + {args.vae} -> {out}: an onedc checkpoint of model={args.model}; use it with "
+         f"onedc compress/decompress/eval/export --ckpt {out}, or train.py model={args.model} init_from={out}")
+    return 0
 
 
 def _register_import_reference(sub: argparse._SubParsersAction) -> None:
@@ -268,7 +277,9 @@ def _register_import_reference(sub: argparse._SubParsersAction) -> None:
         "import-reference", help="convert the authors' released weights into onedc's formats",
         description="--tokenizer FILE -o DIR: convert the MaskGIT-VQGAN tokenizer file (a plain state dict, "
                     "e.g. maskgit-vqgan-imagenet-f16-256.bin) into a diffusers VQModel directory for "
-                    "tokenizer=maskgit_vqgan tokenizer.pretrained=DIR. The output is written atomically.")
+                    "tokenizer=maskgit_vqgan tokenizer.pretrained=DIR. CHECKPOINT_DIR --vae VAE_DIR -o OUT.ckpt: "
+                    "the authors' released model (model.safetensors + model_1.safetensors) plus the SD-2.1 VAE "
+                    "into an onedc checkpoint. Outputs are written atomically.")
     parser.add_argument("checkpoint", nargs="?", default=None, metavar="CHECKPOINT_DIR",
                         help="released codec checkpoint folder (model.safetensors + model_1.safetensors)")
     parser.add_argument("--vae", default=None, metavar="VAE_DIR", help="VAE directory (with CHECKPOINT_DIR)")
@@ -276,6 +287,10 @@ def _register_import_reference(sub: argparse._SubParsersAction) -> None:
                         help="MaskGIT-VQGAN state-dict file (.bin/.pt/.safetensors) to convert")
     parser.add_argument("-o", "--output", required=True, metavar="OUT",
                         help="output: a directory for --tokenizer, a .ckpt file for CHECKPOINT_DIR")
+    parser.add_argument("--model", default="onedc_sd15",
+                        help="model preset of the released checkpoint (default: onedc_sd15, the published OneDC)")
+    parser.add_argument("--merge-lora", action="store_true",
+                        help="merge the LoRA into the UNet weights (exact); default: keep it unmerged as released")
     parser.set_defaults(func=_cmd_import_reference)
 
 

@@ -223,7 +223,7 @@ class OneDCCodec(nn.Module):
     @property
     def device(self) -> torch.device:
         """Device of the bundle's weights."""
-        return self.codec.to_latent.weight.device
+        return next(self.codec.parameters()).device
 
     # ---------------------------------------------------------------- coding
     def _prepare(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:

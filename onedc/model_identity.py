@@ -31,6 +31,12 @@ DECODER_PREFIXES: tuple[str, ...] = (
     "codec.g_s.",
     "codec.to_latent.",
     "codec.gaussian_conditional.",
+    # the reference codec (onedc.modules.reference): h_s, prior fusion, context model, S, g_s
+    "codec.hyper_dec.",
+    "codec.y_prior_fusion.",
+    "codec.y_spatial_prior",
+    "codec.semantic_adaptor.",
+    "codec.dec.",
     "generator.",
 )
 
