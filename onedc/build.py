@@ -224,4 +224,8 @@ def build_stage(cfg: DictConfig, stage_cfg: DictConfig):
     name = str(stage_cfg.name)
     if name not in STAGE_BUILDERS:
         raise ConfigError(f"stage '{name}' has no builder; known stages: {', '.join(STAGE_BUILDERS)}")
+    if cfg.model.get("family") == "reference":
+        raise ConfigError(f"model={cfg.model.name} (the published OneDC) codes files but its training stages are "
+                          "not built yet: import its released weights with `onedc import-reference` and use "
+                          "`onedc compress/decompress/eval/export --ckpt`, or train model=sd15")
     return STAGE_BUILDERS[name](cfg, stage_cfg)
