@@ -153,7 +153,8 @@ def _build_latent(cfg: DictConfig, stage_cfg: DictConfig):
     images = stage_cfg.get("image_every_n_steps")
     return LatentStage(
         vae=vae, codec=codec, generator=generator, optimizer=optimizer_spec(stage_cfg),
-        identity=identity(cfg, stage_cfg, vae=vae), train_codec=bool(stage_cfg.train_codec), lmbda=float(stage_cfg.lmbda),
+        identity=identity(cfg, stage_cfg, vae=vae), train_codec=bool(stage_cfg.train_codec),
+        lmbda=float(stage_cfg.lmbda),
         latent_loss=str(stage_cfg.latent_loss), ema_decay=None if ema is None else float(ema),
         image_every_n_steps=None if images is None else int(images),
     )
@@ -203,7 +204,8 @@ def _build_finetune(cfg: DictConfig, stage_cfg: DictConfig):
     return FinetuneStage(
         vae=vae, codec=codec, generator=generator, discriminator=discriminator, perceptual=perceptual,
         gan_loss=build_gan_loss(str(stage_cfg.gan_loss)), optimizer=optimizer_spec(stage_cfg),
-        disc_optimizer=disc_optimizer, identity=identity(cfg, stage_cfg, vae=vae), train_codec=bool(stage_cfg.train_codec),
+        disc_optimizer=disc_optimizer, identity=identity(cfg, stage_cfg, vae=vae),
+        train_codec=bool(stage_cfg.train_codec),
         lmbda=float(stage_cfg.lmbda), latent_loss=str(stage_cfg.latent_loss), pixel_loss=str(stage_cfg.pixel_loss),
         pixel_weight=float(stage_cfg.pixel_weight), lpips_weight=lpips_weight,
         latent_weight=float(stage_cfg.latent_weight), gan_weight=gan_weight,

@@ -76,7 +76,8 @@ class VAEQuickTrainRecipe:
             if not isinstance(value, int) or value < (0 if name.endswith("steps") else 1):
                 raise ConfigError(f"model.vae.quick_train.{name} must be a non-negative integer, got {value!r}")
         if not (isinstance(recipe.lr, (int, float)) and recipe.lr > 0) or recipe.anchor < 0:
-            raise ConfigError(f"model.vae.quick_train needs lr > 0 and anchor >= 0, got {recipe.lr!r}, {recipe.anchor!r}")
+            raise ConfigError(f"model.vae.quick_train needs lr > 0 and anchor >= 0, "
+                              f"got lr={recipe.lr!r}, anchor={recipe.anchor!r}")
         if not recipe.images:
             raise ConfigError("model.vae.quick_train.images is empty: give at least one image file")
         return recipe
