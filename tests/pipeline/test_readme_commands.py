@@ -93,7 +93,7 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch):
     finetune = report["stages"]["finetune"]
     assert finetune["bpp"] == pytest.approx(Path(out, finetune["per_image"]["chelsea"]["file"]).stat().st_size * 8
                                             / (451 * 300))
-    assert finetune["jpeg"]["per_image"]["chelsea"]["quality"] is not None and report["vae_only"]["psnr"] > 15
+    assert finetune["jpeg"]["per_image"]["chelsea"]["quality"] is not None and 5 < report["vae_only"]["psnr"] < 40
     assert all((out / name).stat().st_size > 10_000 for name in ("rd.png", "reconstructions.png"))
 
 
