@@ -23,7 +23,7 @@ import math
 import os
 import secrets
 import shutil
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from torch import nn
 
 from onedc.errors import ConfigError, OneDCError
 from onedc.modules.teachers import QUICK_TRAIN_IMAGES, _quick_train_images, _random_crops, teacher_cache_dir
+from onedc.modules.teachers.quick_train import recipe_from_options
 
 __all__ = ["VAEQuickTrainRecipe", "pca_encoder", "quick_train_vae", "quick_trained_vae_dir", "vae_cache_dir"]
 
@@ -62,15 +63,7 @@ class VAEQuickTrainRecipe:
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> VAEQuickTrainRecipe:
         """The recipe of a ``quick_train`` config mapping; unknown keys or bad values raise."""
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(names))
-        if unknown:
-            raise ConfigError(f"unknown model.vae.quick_train option(s) {', '.join(unknown)}; "
-                              f"valid options: {', '.join(names)}")
-        values = dict(options)
-        if "images" in values:
-            values["images"] = tuple(str(name) for name in values["images"])
-        recipe = cls(**values)
+        recipe = recipe_from_options(cls, options, "model.vae.quick_train")
         for name in ("guided_steps", "joint_steps", "batch_size", "crop"):
             value = getattr(recipe, name)
             if not isinstance(value, int) or value < (0 if name.endswith("steps") else 1):

@@ -42,6 +42,21 @@ QUICK_TRAIN_IMAGES: tuple[str, ...] = (
 _QUICK_TRAIN_VERSION = 1
 
 
+def recipe_from_options(cls: type, options: dict[str, Any], key: str) -> Any:
+    """``cls(**options)`` for a quick-train recipe dataclass, naming unknown options of config ``key``.
+
+    ``images`` (a list in YAML) becomes a tuple; the caller checks the values' ranges.
+    """
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown {key} option(s) {', '.join(unknown)}; valid options: {', '.join(names)}")
+    values = dict(options)
+    if "images" in values:
+        values["images"] = tuple(str(name) for name in values["images"])
+    return cls(**values)
+
+
 @dataclass(frozen=True)
 class QuickTrainRecipe:
     """How :func:`quick_train_vq` trains a random tiny VQ tokenizer (``quick_train`` options).
@@ -77,15 +92,7 @@ class QuickTrainRecipe:
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> QuickTrainRecipe:
         """The recipe of a ``quick_train`` config mapping; unknown keys or bad values raise."""
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(names))
-        if unknown:
-            raise ConfigError(f"unknown quick_train option(s) {', '.join(unknown)}; "
-                              f"valid options: {', '.join(names)}")
-        values = dict(options)
-        if "images" in values:
-            values["images"] = tuple(str(name) for name in values["images"])
-        recipe = cls(**values)
+        recipe = recipe_from_options(cls, options, "quick_train")
         for name in ("steps", "batch_size", "crop", "readout", "kmeans_crops"):
             value = getattr(recipe, name)
             if not (value is None and name == "crop") and (not isinstance(value, int) or value < 1):
