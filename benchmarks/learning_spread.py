@@ -40,11 +40,16 @@ def distill(run_dir: str, seed: int) -> dict[str, float]:
     from onedc.config import compose
     from onedc.pipeline import run
 
-    result = run(compose(["stage=distill", f"run_dir={run_dir}", f"seed={seed}", *BASE, "stage.val_every_n_steps=300",
-                          "stage.checkpoint_every_n_steps=300"]))[0]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "stages"))
+    from test_distill_learns import OVERRIDES, training_photo_token_accuracy  # the test's own config
+
+    cfg = compose(["stage=distill", f"run_dir={run_dir}", f"seed={seed}", *OVERRIDES])
+    result = run(cfg)[0]
     history = json.loads((result.run_dir / "val_history.json").read_text())
     start, end = history[0], history[-1]
-    return {"token_acc": end["token_acc"], "majority_acc": end["majority_acc"],
+    train_acc, train_majority = training_photo_token_accuracy(cfg, result.final_ckpt)
+    return {"train_acc": train_acc, "train_majority": train_majority, "train_acc_over_majority": train_acc / train_majority,
+            "token_acc": end["token_acc"], "majority_acc": end["majority_acc"],
             "acc_over_majority": end["token_acc"] - end["majority_acc"],
             "acc_gain": end["token_acc"] / max(start["token_acc"], 1e-9), "bpp_ratio": end["bpp"] / start["bpp"]}
 
