@@ -6,7 +6,7 @@ and 1; the teacher is quick-trained with the same kernels, so its codes differ t
 
 - token accuracy on the five training photos (256 px centre crops, 320 tokens): 0.456, 0.497,
   0.394, 0.394 against a majority code of 0.1625, i.e. 2.81, 3.06, 2.42, 2.42 x majority (mean
-  2.68, sd 0.31): the bar of 1.7 x majority sits 3.1 sd below the mean (it is 0.15 at the start);
+  2.68, sd 0.31): the bar of 1.7 x majority sits 3.1 sd below the mean;
 - the estimated val bpp falls to 0.040 .. 0.043 of its step-0 value (sd 0.0014): bar 0.2.
 
 What does not hold on every CPU, and is therefore not asserted: held-out token accuracy above
