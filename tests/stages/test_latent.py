@@ -86,6 +86,9 @@ def test_codec_starts_from_distill_and_stays_frozen(distill_ckpt, latent_run):
 
 
 def test_validation_latent_loss_drops(latent_run):
+    """Spread (benchmarks/learning_spread.py --figures latent; native AVX-512 and ATEN default +
+    oneDNN SSE4.1 kernels, seeds 0 and 1): end / start 0.021 .. 0.032 (bar 0.7), end / zero
+    predictor 0.534 .. 0.655 (mean 0.597, sd 0.063; the bar of 0.8 is 3.2 sd above the mean)."""
     records, _, _ = latent_run
     end = records["val"][-1]
     assert end["val/latent_loss"] < 0.7 * records["val_start"], (records["val_start"], records["val"])
