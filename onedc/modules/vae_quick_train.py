@@ -20,9 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import secrets
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onedc.errors import ConfigError, OneDCError
+from onedc.errors import ConfigError
 from onedc.modules.teachers import QUICK_TRAIN_IMAGES, _quick_train_images, _random_crops, teacher_cache_dir
-from onedc.modules.teachers.quick_train import recipe_from_options
+from onedc.modules.teachers.quick_train import recipe_from_options, save_quick_trained
 
 __all__ = ["VAEQuickTrainRecipe", "pca_encoder", "quick_train_vae", "quick_trained_vae_dir", "vae_cache_dir"]
 
@@ -170,19 +167,4 @@ def quick_trained_vae_dir(config: dict, seed: int, recipe: VAEQuickTrainRecipe) 
         torch.manual_seed(seed)
         model = AutoencoderKL(**config)
     quick_train_vae(model, recipe, seed=seed)
-    staging = root / f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        staging.mkdir(parents=True)
-        model.save_pretrained(str(staging))
-        (staging / "quick_train.json").write_text(json.dumps(spec, sort_keys=True, indent=1, default=str))
-        try:
-            staging.rename(final)
-        except OSError:
-            if not (final / "config.json").is_file():  # not a lost race with another builder
-                raise
-    except OSError as err:
-        raise OneDCError(f"cannot write the quick-trained VAE to {final} ({err.strerror or err}); "
-                         "set ONEDC_CACHE to a writable folder") from err
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
+    return save_quick_trained(model, spec, final, "VAE")

@@ -42,6 +42,30 @@ QUICK_TRAIN_IMAGES: tuple[str, ...] = (
 _QUICK_TRAIN_VERSION = 1
 
 
+def save_quick_trained(model: nn.Module, spec: dict[str, Any], final: Path, what: str) -> Path:
+    """Write a quick-trained diffusers ``model`` and its ``spec`` to the cache dir ``final`` atomically.
+
+    A staging dir beside it (onedc.io's naming) is renamed into place; losing a race with another
+    builder of the same key is fine. An unwritable cache is a OneDCError naming ONEDC_CACHE.
+    """
+    staging = final.parent / f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        staging.mkdir(parents=True)
+        model.save_pretrained(str(staging))
+        (staging / "quick_train.json").write_text(json.dumps(spec, sort_keys=True, indent=1, default=str))
+        try:
+            staging.rename(final)
+        except OSError:
+            if not (final / "config.json").is_file():  # not a lost race with another builder
+                raise
+    except OSError as err:
+        raise OneDCError(f"cannot write the quick-trained {what} to {final} ({err.strerror or err}); "
+                         "set ONEDC_CACHE to a writable folder") from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
 def recipe_from_options(cls: type, options: dict[str, Any], key: str) -> Any:
     """``cls(**options)`` for a quick-train recipe dataclass, naming unknown options of config ``key``.
 
@@ -235,20 +259,4 @@ def _quick_trained_vq_dir(config: dict, seed: int, input_scale: float, tile_size
         return final
     model = _build_random(lambda: VQModel(**config), seed, meta=False)
     quick_train_vq(model, recipe, seed=seed, input_scale=input_scale, tile_size=tile_size, **protocol)
-    # Same naming and umask-respecting mode as onedc.io's atomic file writes, for a directory.
-    staging = root / f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        staging.mkdir(parents=True)
-        model.save_pretrained(str(staging))
-        (staging / "quick_train.json").write_text(json.dumps(spec, sort_keys=True, indent=1, default=str))
-        try:
-            staging.rename(final)
-        except OSError:
-            if not (final / "config.json").is_file():  # not a lost race with another builder
-                raise
-    except OSError as err:
-        raise OneDCError(f"cannot write the quick-trained teacher to {final} ({err.strerror or err}); "
-                         "set ONEDC_CACHE to a writable folder") from err
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
+    return save_quick_trained(model, spec, final, "teacher")
