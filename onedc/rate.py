@@ -3,10 +3,14 @@
 ::
 
     image ─VAE enc─> v ─┬─ compress ─> .onedc bytes ─> header, z / y / fix stream sizes  (real)
-                        └─ codec forward (eval) ─> -Σlog2 p(ŷ) + z bits                  (estimate)
+                        └─ codec forward (eval) ─> codec.rate_bits(out)                   (estimate)
 
 Used by ``benchmarks/`` and the tests to check that the entropy coder writes what the rate
-term of training pays for. Coding layer (docs/architecture.md).
+term of training pays for. The estimate is each codec family's own, through one seam: its
+``rate_bits(out)`` (bits per image of an eval forward's output) and ``z_bits_per_image(shape)``.
+``HyperpriorCodec``: -Σlog2 p(ŷ) + rANS flush + z bits; the reference codec
+(``CodingReferenceCodec``): REFERENCE.md §4.6's Σ bits + 14 per z index. Coding layer
+(docs/architecture.md).
 """
 from __future__ import annotations
 
@@ -17,7 +21,6 @@ import torch
 
 from onedc.bitstream import decode_container
 from onedc.images import load_image
-from onedc.modules.codec import HyperpriorCodec
 
 if TYPE_CHECKING:
     from onedc.inference import OneDCCodec
@@ -27,9 +30,9 @@ def rate_table(codec: "OneDCCodec", paths: Iterable[str | Path]) -> list[dict[st
     """Real vs. estimated rate of each image in ``paths``: one dict per image.
 
     Real bits come from the ``.onedc`` bytes (whole file, and payload = file minus the
-    68-byte header); the estimate is ``HyperpriorCodec.rate_bits`` of the eval forward pass on
-    the same padded image (-Σlog2 p(ŷ) + the fixed z bits). bpp values divide by the original
-    (unpadded) pixel count; ``rel_diff`` = (payload bits - estimate) / estimate.
+    header); the estimate is the codec's ``rate_bits`` of the eval forward pass on the same
+    padded image (see the module docstring), its z part ``z_bits_per_image``. bpp values divide
+    by the original (unpadded) pixel count; ``rel_diff`` = (payload bits - estimate) / estimate.
     """
     rows = []
     for path in paths:
@@ -40,8 +43,8 @@ def rate_table(codec: "OneDCCodec", paths: Iterable[str | Path]) -> list[dict[st
             data = codec._compress_prepared(padded, v, size)[0]
             out = codec.codec(padded, v)
         header = decode_container(data)
-        est_z = float(out.z_bits[0])
-        est_total = float(HyperpriorCodec.rate_bits(out)[0])
+        est_z = float(codec.codec.z_bits_per_image(out.z_hat.shape[-2:]))
+        est_total = float(codec.codec.rate_bits(out)[0])
         pixels = header.height * header.width
         payload_bits = header.payload_size * 8
         rows.append({

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from onedc.modules.codec import DecodedLatents, pack_indices, unpack_indices
+from onedc.modules.codec import DecodedLatents, HyperpriorCodec, pack_indices, unpack_indices
 from onedc.modules.reference.codec import PAD_MULTIPLE, ReferenceCodec, ReferenceCodecOutput
 from onedc.modules.reference.coding import ReferenceYCoder
 from onedc.modules.reference.synthesis import semantic_tokens
@@ -86,6 +86,18 @@ class CodingReferenceCodec(ReferenceCodec):
         semantic = self.semantic_map(hyper.zs)
         features = self.synthesise(y_hat.to(semantic.dtype), semantic)
         return DecodedLatents(y_hat, z_hat, semantic, semantic_tokens(semantic), features, None)
+
+    # Bits of the fixed-length z stream of a z grid (14 per index): the light codec's rule, same packing.
+    z_bits_per_image = HyperpriorCodec.z_bits_per_image
+
+    def rate_bits(self, out: ReferenceCodecOutput) -> Tensor:
+        """Estimated bits per image (B,), the reference's (REFERENCE.md §4.6, §13): Σ bits(q) + 14 per z index.
+
+        The y term is ``out.y_bits`` summed: the eval estimate in eval mode, the noisy proxy in
+        training. Like ``HyperpriorCodec.rate_bits`` (the seam :func:`onedc.rate.rate_table`
+        uses), but without a flush term: the reference does not count one.
+        """
+        return out.y_bits.flatten(1).sum(dim=1) + self.z_bits_per_image(out.z_hat.shape[-2:])
 
     def forward(self, x: Tensor, v: Tensor, z_only: bool = False) -> ReferenceCodecOutput:
         """As :meth:`ReferenceCodec.forward`; in eval, ŷ (and F) are exactly what the files decode to."""
