@@ -92,12 +92,19 @@ def check_identity(checkpoint: dict[str, Any], cfg: DictConfig, path: Path, comp
 
 
 def load_init_weights(module: torch.nn.Module, path: str | Path, cfg: DictConfig,
-                      prefixes: tuple[str, ...] = ("codec.", "generator.")) -> dict[str, list[str]]:
+                      prefixes: tuple[str, ...] | None = None) -> dict[str, list[str]]:
     """Initialise ``module``'s parts named by ``prefixes`` from a checkpoint (weights only).
 
-    Keys are matched by name; missing and unexpected keys are reported by name (log + return),
-    never ignored silently. Shape mismatches mean a different model config: CheckpointError.
+    ``prefixes`` defaults to the codec and the generator, plus the VAE for ``family: reference``:
+    its preset names no VAE dir, and the checkpoint (``onedc import-reference`` or a stage's)
+    carries the SD-2.1 VAE its codec works with. Keys are matched by name; missing and unexpected
+    keys are reported by name (log + return), never ignored silently. Shape mismatches mean a
+    different model config: CheckpointError.
     """
+    from onedc.modules.spec_builders import is_reference
+
+    if prefixes is None:
+        prefixes = ("codec.", "generator.") + (("vae.",) if is_reference(cfg.model) else ())
     path = Path(path)
     checkpoint = read_checkpoint(path)
     check_identity(checkpoint, cfg, path, compare_tokenizer=False)
@@ -120,7 +127,8 @@ def load_init_weights(module: torch.nn.Module, path: str | Path, cfg: DictConfig
                                   f"{tuple(own[key].shape)}: the checkpoint is from a different model config")
     loadable = {k: v for k, v in wanted.items() if k in own}
     codec = getattr(module, "codec", None)
-    if codec is not None:  # CDF tables are sized by update(): resize before loading
+    if codec is not None and any(k.startswith("codec.gaussian_conditional.") for k in loadable):
+        # CDF tables are sized by update(): resize before loading (the reference codec's are fixed, never saved)
         fit_cdf_buffers(codec.gaussian_conditional, "codec.gaussian_conditional", loadable)
     module.load_state_dict(loadable, strict=False)
     if missing:
