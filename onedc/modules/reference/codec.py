@@ -29,7 +29,7 @@ from onedc.modules.reference.context import (
 )
 from onedc.modules.reference.hyper import HyperAnalysis, HyperSynthesis, build_prior_fusion
 from onedc.modules.reference.rate import estimated_y_bits, noisy_y_bits
-from onedc.modules.reference.synthesis import ReferenceSynthesis, SemanticAdaptor
+from onedc.modules.reference.synthesis import ReferenceSynthesis, SemanticAdaptor, semantic_tokens
 
 #: The image side must be a multiple of this (z sits at 1/64 of the padded image).
 PAD_MULTIPLE = 64
@@ -57,6 +57,11 @@ class ReferenceCodecOutput(NamedTuple):
     scales: Tensor
     means: Tensor
     y_bits: Tensor     #: per-element bits: §4.6 eval estimate, or the noisy proxy in training mode
+
+    @property
+    def tokens(self) -> Tensor:
+        """S as the generator's cross-attention tokens (B, h·w, semantic_ch), row-major (§4.7)."""
+        return semantic_tokens(self.semantic)
 
 
 class ReferenceCodec(nn.Module):
@@ -154,6 +159,24 @@ class ReferenceCodec(nn.Module):
         context = self.code_y(hyper, coder)
         semantic = self.semantic_map(hyper.zs)
         return context, semantic, self.synthesise(context.y_hat, semantic)
+
+    # -- rate (the training stages' interface, shared with HyperpriorCodec) ----------------------
+    def z_bits_per_image(self, z_shape: Sequence[int]) -> int:
+        """Bits of the fixed-length z stream for a z grid of ``z_shape``: 14 per index (§4.6)."""
+        return self.fsq.bits_per_index * int(z_shape[0]) * int(z_shape[1])
+
+    def rate_bits(self, out: ReferenceCodecOutput) -> Tensor:
+        """Estimated bits per image, (B,): Σ ``y_bits`` (§4.6; the noisy proxy in training) + z's fixed bits.
+
+        This is the payload estimate of §13 (Σ §4.6 bits + 14 per z index). z's bits are a
+        constant, so a rate loss built on it has the reference's gradient (λ·bpp_y only).
+        """
+        z_bits = float(self.z_bits_per_image(out.z_hat.shape[-2:]))
+        return out.y_bits.flatten(1).sum(dim=1) + z_bits
+
+    def bpp(self, out: ReferenceCodecOutput, num_pixels: int) -> Tensor:
+        """Estimated bits per pixel of each image, (B,): :meth:`rate_bits` over ``num_pixels`` (padded)."""
+        return self.rate_bits(out) / num_pixels
 
     def forward(self, x: Tensor, v: Tensor, z_only: bool = False) -> ReferenceCodecOutput:
         """One pass without an entropy coder: quantised ŷ and ẑ, S, F and the rate estimate.
