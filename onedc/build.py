@@ -135,7 +135,11 @@ def _build_distill(cfg: DictConfig, stage_cfg: DictConfig):
 
 
 def _vae_codec_generator(cfg: DictConfig):
-    """The VAE, codec and one-step generator of ``cfg.model`` (stages 2 and 3), checked to fit together."""
+    """The VAE, codec and one-step generator of ``cfg.model`` (stages 2 and 3), checked to fit together.
+
+    For ``family: reference`` these are the published OneDC's VAE, ``CodingReferenceCodec`` and
+    ``ReferenceGenerator`` (LoRA on the 14 target types when ``model.generator.lora`` is set).
+    """
     vae = build_vae(cfg.model, quick_train=True)
     codec = build_codec(cfg.model, vae.latent_channels)
     generator = build_generator(cfg.model)
@@ -192,10 +196,11 @@ def _build_finetune(cfg: DictConfig, stage_cfg: DictConfig):
     from onedc.stages.common import OptimizerSpec
     from onedc.stages.finetune import FinetuneStage
 
-    vae, codec, generator = _vae_codec_generator(cfg)
     gan_weight, lpips_weight = float(stage_cfg.gan_weight), float(stage_cfg.lpips_weight)
-    discriminator = build_discriminator(cfg.discriminator, vae.latent_channels) if gan_weight > 0 else None
+    # First: a missing AlexNet file fails at once, not after building a full-size model (its RNG is forked).
     perceptual = build_perceptual_loss(stage_cfg.lpips) if lpips_weight > 0 else None
+    vae, codec, generator = _vae_codec_generator(cfg)
+    discriminator = build_discriminator(cfg.discriminator, vae.latent_channels) if gan_weight > 0 else None
     disc_optimizer = OptimizerSpec(lr=float(stage_cfg.disc_lr), betas=tuple(stage_cfg.disc_betas),
                                    weight_decay=float(stage_cfg.disc_weight_decay),
                                    warmup_steps=int(stage_cfg.disc_warmup_steps))
@@ -226,8 +231,8 @@ def build_stage(cfg: DictConfig, stage_cfg: DictConfig):
     name = str(stage_cfg.name)
     if name not in STAGE_BUILDERS:
         raise ConfigError(f"stage '{name}' has no builder; known stages: {', '.join(STAGE_BUILDERS)}")
-    if cfg.model.get("family") == "reference":
-        raise ConfigError(f"model={cfg.model.name} (the published OneDC) codes files but its training stages are "
-                          "not built yet: import its released weights with `onedc import-reference` and use "
-                          "`onedc compress/decompress/eval/export --ckpt`, or train model=sd15")
+    if name == "distill" and spec_builders.is_reference(cfg.model):
+        raise ConfigError(f"stage=distill is not built for model={cfg.model.name} (the published OneDC) yet: "
+                          "import its released weights with `onedc import-reference` and train stage=latent or "
+                          "stage=finetune with init_from=OUT.ckpt, or distill model=sd15")
     return STAGE_BUILDERS[name](cfg, stage_cfg)

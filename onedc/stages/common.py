@@ -5,25 +5,72 @@ A stage is a ``LightningModule`` that receives *built* modules (dependency injec
 of onedc (inference, export, the next stage's ``init_from``):
 
 ``vae``        the frozen VAE (saved so that a checkpoint is self-contained)
-``codec``      the ``HyperpriorCodec``
-``generator``  the ``OneStepGenerator`` (stages 2-3)
+``codec``      the codec: ``HyperpriorCodec``, or the published ``CodingReferenceCodec``
+``generator``  the ``OneStepGenerator`` (stages 2-3; ``ReferenceGenerator`` is one)
 ``distill``    the training-only semantic predictor head (stage 1)
 ``discriminator`` the GAN critic (stage 3)
+
+The stages drive either codec family through :class:`StageCodec` alone (``codec(x, v)`` giving
+``features``/``tokens``/``y_hat``/``z_hat``, ``codec.rate_bits(out)`` from the codec's own rate
+estimate: :func:`estimated_bpp`), so no stage asks which family it trains.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Protocol
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from onedc.checkpoints import CHECKPOINT_FORMAT
 from onedc.modules.coding_tables import fit_cdf_buffers
 
-__all__ = ["CHECKPOINT_FORMAT", "ModelIdentity", "OptimizerSpec", "StageModule", "freeze", "quadratic_ramp"]
+__all__ = ["CHECKPOINT_FORMAT", "CodecPass", "ModelIdentity", "OptimizerSpec", "StageCodec", "StageModule",
+           "estimated_bpp", "freeze", "holds_coding_tables", "quadratic_ramp"]
+
+
+class CodecPass(Protocol):
+    """What one codec pass gives the stages (``HyperpriorOutput`` and ``ReferenceCodecOutput`` both do)."""
+
+    y_hat: Tensor     #: quantised y (straight-through in training)
+    z_hat: Tensor     #: FSQ codes of z
+    semantic: Tensor  #: decoder-side semantic map at 1/64 (the distillation head's input)
+    features: Tensor  #: g_s output at 1/8: the generator's input
+
+    @property
+    def tokens(self) -> Tensor:
+        """(B, L, d) cross-attention tokens of the generator."""
+
+
+class StageCodec(Protocol):
+    """The codec contract of the training stages, implemented by both codec families.
+
+    ``forward(x, v)``: padded image in [-1, 1] and VAE latent -> :class:`CodecPass`; in training
+    mode with straight-through rounding and the codec's training rate proxy, in eval mode exactly
+    what the files decode to. ``rate_bits(out)``: (B,) estimated bits per image from the codec's
+    own rate model (differentiable in training; ``onedc.rate`` uses the same seam):
+    ``HyperpriorCodec``'s -log2 likelihoods + flush + z bits, the reference's §4.6 bits + 14 per
+    z index. ``update(force)``: make the rANS tables current before a checkpoint is written.
+    """
+
+    def __call__(self, x: Tensor, v: Tensor) -> CodecPass: ...
+
+    def rate_bits(self, out: Any) -> Tensor: ...
+
+    def update(self, scale_table_values: Any = None, force: bool = False) -> bool: ...
+
+
+def estimated_bpp(codec: StageCodec, out: CodecPass, num_pixels: int) -> Tensor:
+    """(B,) estimated bits per pixel of a codec pass: ``codec.rate_bits(out) / num_pixels`` (padded pixels)."""
+    return codec.rate_bits(out) / num_pixels
+
+
+def holds_coding_tables(codec: nn.Module) -> bool:
+    """Whether ``codec``'s rANS tables are model state (a ``gaussian_conditional`` submodule whose CDF
+    buffers are resized by ``update()`` and saved); the reference codec's tables are fixed and never saved."""
+    return isinstance(dict(codec.named_children()).get("gaussian_conditional"), nn.Module)
 
 
 @dataclass(frozen=True)
@@ -126,7 +173,7 @@ class StageModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The rANS tables must be current in every checkpoint so that it can compress at once.
         codec = getattr(self, "codec", None)
-        if codec is not None:
+        if codec is not None and holds_coding_tables(codec):
             codec.update(force=True)
             prefix = "codec."
             for key, value in codec.state_dict().items():
@@ -144,5 +191,5 @@ class StageModule(pl.LightningModule):
         self.val_history = list(checkpoint.get("val_history", []))
         # CDF buffers change size with update(): resize ours before Lightning's strict load.
         codec = getattr(self, "codec", None)
-        if codec is not None:
+        if codec is not None and holds_coding_tables(codec):
             fit_cdf_buffers(codec.gaussian_conditional, "codec.gaussian_conditional", checkpoint["state_dict"])

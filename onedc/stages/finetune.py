@@ -44,11 +44,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from onedc.eval.pixels import psnr
-from onedc.modules.codec import HyperpriorCodec, HyperpriorOutput
 from onedc.modules.generator import OneStepGenerator
 from onedc.modules.losses import GANLoss, PerceptualLoss, adaptive_gan_weight, discriminator_accuracy
 from onedc.modules.vae import FrozenVAE
-from onedc.stages.common import ModelIdentity, OptimizerSpec
+from onedc.stages.common import CodecPass, ModelIdentity, OptimizerSpec, StageCodec, estimated_bpp
 from onedc.stages.latent import LatentStage
 
 PIXEL_LOSSES = ("l1", "mse")
@@ -61,7 +60,7 @@ class FinetuneOutputs(NamedTuple):
     latent: Tensor  # generated latent v̂
     target: Tensor  # VAE latent v of the input
     x_hat: Tensor  # decoded image (unclamped)
-    codec: HyperpriorOutput
+    codec: CodecPass
 
 
 def _base_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -107,7 +106,7 @@ class FinetuneStage(LatentStage):
         self,
         *,
         vae: FrozenVAE,
-        codec: HyperpriorCodec,
+        codec: StageCodec,
         generator: OneStepGenerator,
         discriminator: nn.Module | None,
         perceptual: PerceptualLoss | None,
@@ -168,7 +167,7 @@ class FinetuneStage(LatentStage):
         """The generator's non-adversarial terms and their weighted sum ``loss``."""
         pixel = F.l1_loss(out.x_hat, x) if self.pixel_loss == "l1" else F.mse_loss(out.x_hat, x)
         latent_loss = self._distance(out.latent, out.target)
-        bpp = self.codec.bpp(out.codec, x.shape[-2] * x.shape[-1]).mean()
+        bpp = estimated_bpp(self.codec, out.codec, x.shape[-2] * x.shape[-1]).mean()
         loss = self.pixel_weight * pixel + self.latent_weight * latent_loss
         metrics = {"pixel": pixel, "latent_loss": latent_loss, "bpp": bpp}
         if self.__dict__["perceptual"] is not None:
@@ -202,9 +201,13 @@ class FinetuneStage(LatentStage):
         return self.gan_loss.discriminator_loss(real_logits, fake_logits), real_logits, fake_logits
 
     def last_generator_layer(self) -> Tensor:
-        """The weight the adaptive GAN weight measures gradients at: the UNet's conv_out (else to_xt)."""
+        """The weight the adaptive GAN weight measures gradients at: the UNet's conv_out (else the x_t
+        head's last weight: a 1x1 conv, or ``vae_reduction``'s shortcut in the reference generator)."""
         conv_out = self.generator.unet.conv_out.weight
-        return conv_out if conv_out.requires_grad else self.generator.to_xt.weight
+        if conv_out.requires_grad:
+            return conv_out
+        weights = [p for name, p in self.generator.to_xt.named_parameters() if name.endswith("weight")]
+        return weights[-1]
 
     def training_losses(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """(the single loss to backpropagate, metrics) for this optimiser step; see the module docstring.

@@ -23,10 +23,10 @@ from torch import Tensor
 
 from onedc.callbacks import EMACallback, ImageGridCallback
 from onedc.eval.pixels import psnr  # val/psnr: the 8-bit convention of onedc eval and rd/psnr
-from onedc.modules.codec import HyperpriorCodec, HyperpriorOutput
 from onedc.modules.generator import OneStepGenerator
 from onedc.modules.vae import FrozenVAE
-from onedc.stages.common import ModelIdentity, OptimizerSpec, StageModule, freeze
+from onedc.stages.common import (CodecPass, ModelIdentity, OptimizerSpec, StageCodec, StageModule,
+                                 estimated_bpp, freeze)
 
 LATENT_LOSSES = ("mse", "l1")
 
@@ -36,7 +36,9 @@ class LatentStage(StageModule):
 
     Args:
         vae, codec, generator: the built modules (``codec`` already holds stage-1 weights when
-            the pipeline initialised it).
+            the pipeline initialised it): either codec family (:class:`~onedc.stages.common.StageCodec`)
+            and a :class:`OneStepGenerator`, whose trainable parameters (under LoRA: the adapter,
+            the new conv_in and x_t head) are the ones the optimiser and the EMA see.
         optimizer: AdamW + warm-up spec for the trainable parameters.
         identity: what checkpoints record about the model.
         train_codec: train the codec too (rate term λ·R added) instead of freezing it.
@@ -52,7 +54,7 @@ class LatentStage(StageModule):
         self,
         *,
         vae: FrozenVAE,
-        codec: HyperpriorCodec,
+        codec: StageCodec,
         generator: OneStepGenerator,
         optimizer: OptimizerSpec,
         identity: ModelIdentity,
@@ -75,8 +77,10 @@ class LatentStage(StageModule):
         self.ema_decay = ema_decay
         self.image_every_n_steps = image_every_n_steps
         if self.train_codec:
-            # The light stage-1 latent head is unused here; frozen so DDP sees no unused parameters.
-            self.codec.to_latent.requires_grad_(False)
+            # The light codec's stage-1 latent head is unused here; frozen so DDP sees no unused parameters.
+            latent_head = getattr(self.codec, "to_latent", None)
+            if latent_head is not None:
+                latent_head.requires_grad_(False)
         else:
             freeze(self.codec)
 
@@ -88,7 +92,7 @@ class LatentStage(StageModule):
         return self
 
     # ------------------------------------------------------------------ computation
-    def generate(self, x: Tensor) -> tuple[Tensor, Tensor, HyperpriorOutput]:
+    def generate(self, x: Tensor) -> tuple[Tensor, Tensor, CodecPass]:
         """Image in [-1,1] -> (generated latent v̂, VAE latent v, codec output)."""
         v = self.vae.encode(x)
         with torch.set_grad_enabled(self.train_codec and torch.is_grad_enabled()):
@@ -108,7 +112,7 @@ class LatentStage(StageModule):
     def losses(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """Image batch -> ({loss, latent_loss, bpp}, generated latent) with the current weights."""
         latent, v, out = self.generate(x)
-        bpp = self.codec.bpp(out, x.shape[-2] * x.shape[-1]).mean()
+        bpp = estimated_bpp(self.codec, out, x.shape[-2] * x.shape[-1]).mean()
         latent_loss = self._distance(latent, v)
         loss = latent_loss + self.lmbda * bpp if self.train_codec else latent_loss
         return {"loss": loss, "latent_loss": latent_loss, "bpp": bpp}, latent

@@ -160,24 +160,6 @@ class ReferenceCodec(nn.Module):
         semantic = self.semantic_map(hyper.zs)
         return context, semantic, self.synthesise(context.y_hat, semantic)
 
-    # -- rate (the training stages' interface, shared with HyperpriorCodec) ----------------------
-    def z_bits_per_image(self, z_shape: Sequence[int]) -> int:
-        """Bits of the fixed-length z stream for a z grid of ``z_shape``: 14 per index (§4.6)."""
-        return self.fsq.bits_per_index * int(z_shape[0]) * int(z_shape[1])
-
-    def rate_bits(self, out: ReferenceCodecOutput) -> Tensor:
-        """Estimated bits per image, (B,): Σ ``y_bits`` (§4.6; the noisy proxy in training) + z's fixed bits.
-
-        This is the payload estimate of §13 (Σ §4.6 bits + 14 per z index). z's bits are a
-        constant, so a rate loss built on it has the reference's gradient (λ·bpp_y only).
-        """
-        z_bits = float(self.z_bits_per_image(out.z_hat.shape[-2:]))
-        return out.y_bits.flatten(1).sum(dim=1) + z_bits
-
-    def bpp(self, out: ReferenceCodecOutput, num_pixels: int) -> Tensor:
-        """Estimated bits per pixel of each image, (B,): :meth:`rate_bits` over ``num_pixels`` (padded)."""
-        return self.rate_bits(out) / num_pixels
-
     def forward(self, x: Tensor, v: Tensor, z_only: bool = False) -> ReferenceCodecOutput:
         """One pass without an entropy coder: quantised ŷ and ẑ, S, F and the rate estimate.
 
