@@ -60,7 +60,7 @@ def load_codec(ckpt: str | None, model: str):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", default=None, help="stage checkpoint (default: random tiny model)")
-    parser.add_argument("--model", default="tiny", help="model preset when no --ckpt is given")
+    parser.add_argument("--model", default="tiny_random", help="model preset when no --ckpt is given")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per image (median)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1: stable timings on a shared machine; 0: torch default)")

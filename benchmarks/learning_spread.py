@@ -76,17 +76,16 @@ def latent(run_dir: str, seed: int) -> dict[str, float]:
     from onedc.config import compose
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "stages"))
-    from conftest import BASE as STAGE_BASE  # the stage tests' shrunken config
-    from test_latent import LATENT, _run_with_probe
+    from test_latent import DISTILL, LATENT, _run_with_probe  # the test's own configs
 
-    distill_cfg = compose(STAGE_BASE + ["stage=distill", f"run_dir={run_dir}/d", f"seed={seed}", "trainer.max_steps=2",
-                                        "stage.val_every_n_steps=2", "stage.checkpoint_every_n_steps=2"])
+    distill_cfg = compose(DISTILL + [f"run_dir={run_dir}/d", f"seed={seed}"])
     distill_ckpt = pipeline.run(distill_cfg)[0].final_ckpt
     cfg = compose(LATENT + [f"run_dir={run_dir}/l", f"seed={seed}", f"init_from={distill_ckpt}", "trainer.logger=none"])
     with pytest.MonkeyPatch.context() as monkeypatch:
         probe, _ = _run_with_probe(monkeypatch, cfg)
     end = probe.records["val"][-1]["val/latent_loss"]
-    return {"vs_start": end / probe.records["val_start"], "vs_zero": end / probe.records["val_zero"]}
+    return {"vs_start": end / probe.records["val_start"], "vs_zero": end / probe.records["val_zero"],
+            "start_vs_zero": probe.records["val_start"] / probe.records["val_zero"]}
 
 
 def teacher(run_dir: str, seed: int) -> dict[str, float]:

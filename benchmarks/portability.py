@@ -48,7 +48,7 @@ def load_bundles(ckpts: list[str], work: Path) -> list[tuple[str, str]]:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "bitstream"))
     from conftest import make_checkpoint  # the test suite's untrained checkpoint writer
 
-    random_ckpt = make_checkpoint(to_dict(compose(["model=tiny"]).model), work / "random.ckpt")
+    random_ckpt = make_checkpoint(to_dict(compose(["model=tiny_random"]).model), work / "random.ckpt")
     trained = run(compose([f"run_dir={work / 'run'}", "trainer.logger=none", "trainer.enable_progress_bar=false",
                            "data.crop_size=128", "data.batch_size=4", "trainer.max_steps=150",
                            "stage.val_every_n_steps=150", "stage.checkpoint_every_n_steps=150"]))[0]

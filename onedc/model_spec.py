@@ -62,7 +62,8 @@ def generator_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
                 pretrained=gen.get("pretrained"), unet_config=unet or None, seed=int(gen.get("seed", 0)),
                 timestep=int(gen.get("timestep", 999)), prediction_type=str(gen.get("prediction_type", "epsilon")),
                 scheduler_config=gen.get("scheduler") or {}, lora=gen.get("lora"),
-                gradient_checkpointing=bool(gen.get("gradient_checkpointing", False)))
+                gradient_checkpointing=bool(gen.get("gradient_checkpointing", False)),
+                xt_kernel_size=int(gen.get("xt_kernel_size", 1)))
 
 
 def generator_settings(model_config: Mapping[str, Any]) -> dict[str, Any]:

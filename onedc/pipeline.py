@@ -91,6 +91,33 @@ def check_identity(checkpoint: dict[str, Any], cfg: DictConfig, path: Path, comp
         )
 
 
+def start_fresh_generator(module: torch.nn.Module, cfg: DictConfig, loaded: list[str]) -> bool:
+    """Apply ``model.generator.init`` to a generator that ``init_from`` did not fill; True if applied.
+
+    ``residual``: the generator starts from the codec's light latent reconstruction
+    (:meth:`onedc.modules.generator.OneStepGenerator.start_from_latent_head`), which the codec
+    weights just loaded from the distill stage define. ``null`` (the default) keeps the drawn or
+    pretrained UNet untouched: a pretrained ε-UNet must keep its output layer. Resumed runs never
+    get here (their weights come from the checkpoint).
+    """
+    mode = (cfg.model.get("generator") or {}).get("init")
+    generator = getattr(module, "generator", None)
+    if mode is None or generator is None or any(k.startswith("generator.") for k in loaded):
+        return False
+    if mode != "residual":
+        raise ConfigError(f"model.generator.init must be null or 'residual', got {mode!r}")
+    head = getattr(getattr(module, "codec", None), "to_latent", None)
+    if head is None or not hasattr(generator, "start_from_latent_head"):
+        raise ConfigError(f"model.generator.init=residual needs the light codec's latent head and OneStepGenerator; "
+                          f"model={cfg.model.name} has neither: set model.generator.init=null")
+    try:
+        generator.start_from_latent_head(head)
+    except ValueError as err:
+        raise ConfigError(f"model.generator.init=residual: {err}") from None
+    log.info("generator starts from the codec's light latent reconstruction (model.generator.init=residual)")
+    return True
+
+
 def load_init_weights(module: torch.nn.Module, path: str | Path, cfg: DictConfig,
                       prefixes: tuple[str, ...] | None = None) -> dict[str, list[str]]:
     """Initialise ``module``'s parts named by ``prefixes`` from a checkpoint (weights only).
@@ -281,8 +308,9 @@ def run_stage(cfg: DictConfig, stage_cfg: DictConfig, init_from: str | Path | No
         os.environ.setdefault("OMP_NUM_THREADS", str(int(cfg.trainer.num_threads)))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     module = build_stage(cfg, stage_cfg)
-    if resume is None and init_from is not None:
-        load_init_weights(module, init_from, cfg)
+    if resume is None:
+        loaded = load_init_weights(module, init_from, cfg)["loaded"] if init_from is not None else []
+        start_fresh_generator(module, cfg, loaded)
     datamodule = build_datamodule(cfg.data, seed=int(cfg.seed))
     if _rank() == 0:
         resolved = OmegaConf.to_container(cfg, resolve=True)

@@ -3,7 +3,7 @@
 ::
 
     features (B, gs, H/8, W/8) ─┬─ new conv_in ─ UNet2DConditionModel(t = T, context = tokens) ─> pred
-    (g_s output of the codec)   └─ to_xt (1x1) ─> x_t (B, C_vae, H/8, W/8)
+    (g_s output of the codec)   └─ to_xt (1x1 or 3x3) ─> x_t (B, C_vae, H/8, W/8)
     tokens (B, L, d_cross) ─────── cross-attention context (replaces the text embedding)
 
     x0 = (x_t - sqrt(1 - ᾱ_T)·ε) / sqrt(ᾱ_T)        prediction_type = epsilon
@@ -21,6 +21,14 @@ features to the latent channels (``to_xt``): the generator then has a skip path 
 (x0 = x_t/sqrt(ᾱ) + UNet correction), and a pretrained ε-predicting UNet keeps its meaning
 ("remove the noise from x_t"). ``to_xt`` and ``conv_in`` are new layers and always train, LoRA
 or not.
+
+A generator trained from scratch (the tiny preset) can start from the codec's own light latent
+reconstruction instead of noise: :meth:`OneStepGenerator.start_from_latent_head` copies the
+codec's stage-1 latent head into ``to_xt`` (scaled so that a zero prediction gives exactly that
+reconstruction) and zeroes the UNet's ``conv_out``. At T = 999 an ε-prediction is multiplied by
+sqrt(1-ᾱ)/sqrt(ᾱ) ≈ 14.6 on its way to x0, so a random UNet starts 30-50x worse than predicting
+zero; started this way it can only learn a correction (measured on the tiny preset, 200 latent
+steps: validation latent MSE 55 -> 0.71 from random, 0.314 -> 0.279 from the light head).
 """
 from __future__ import annotations
 
@@ -54,6 +62,8 @@ class OneStepGenerator(nn.Module):
         timestep: the fixed diffusion timestep T of the single step.
         prediction_type: what the UNet predicts: ``epsilon``, ``v_prediction`` or ``sample``.
         token_dim: width of the codec tokens; must equal ``unet.config.cross_attention_dim``.
+        xt_kernel_size: kernel of ``to_xt`` (1, or 3 to match the codec's 3x3 latent head for
+            :meth:`start_from_latent_head`).
     """
 
     def __init__(
@@ -65,6 +75,7 @@ class OneStepGenerator(nn.Module):
         timestep: int = 999,
         prediction_type: str = "epsilon",
         token_dim: int | None = None,
+        xt_kernel_size: int = 1,
     ) -> None:
         super().__init__()
         from diffusers import DDPMScheduler
@@ -95,8 +106,10 @@ class OneStepGenerator(nn.Module):
                                  device=old.weight.device, dtype=old.weight.dtype)
         # Keep the UNet's own config truthful: save_pretrained of this UNet must describe its conv_in.
         unet.register_to_config(in_channels=int(gs_channels))
-        self.to_xt = nn.Conv2d(gs_channels, self.latent_channels, kernel_size=1,
-                               device=old.weight.device, dtype=old.weight.dtype)
+        if int(xt_kernel_size) not in (1, 3):
+            raise ValueError(f"xt_kernel_size must be 1 or 3, got {xt_kernel_size}")
+        self.to_xt = nn.Conv2d(gs_channels, self.latent_channels, kernel_size=int(xt_kernel_size),
+                               padding=int(xt_kernel_size) // 2, device=old.weight.device, dtype=old.weight.dtype)
         # Derived from the scheduler config, so not persistent: checkpoints hold weights only.
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.to(torch.float32).clone(), persistent=False)
 
@@ -115,6 +128,30 @@ class OneStepGenerator(nn.Module):
         self.unet.add_adapter(config)
         self.unet.conv_in.requires_grad_(True)
         self.to_xt.requires_grad_(True)
+
+    @torch.no_grad()
+    def start_from_latent_head(self, head: nn.Conv2d) -> None:
+        """Start from the codec's light latent reconstruction: x0 = ``head(features)`` at step 0.
+
+        ``to_xt`` becomes ``head`` scaled by sqrt(ᾱ_T) (ε-prediction) or 1/sqrt(ᾱ_T)
+        (v-prediction), and the UNet's ``conv_out`` is zeroed, so the prediction is 0 and x0 equals
+        the head's output; training then learns the UNet's correction (the module docstring says
+        why). ``head`` must have ``to_xt``'s shape.
+        """
+        if self.prediction_type == "sample":
+            raise ValueError("start_from_latent_head needs prediction_type epsilon or v_prediction: with "
+                             "'sample' the UNet output is x0 itself and x_t plays no part")
+        if head.weight.shape != self.to_xt.weight.shape or head.padding != self.to_xt.padding:
+            raise ValueError(f"the latent head has weight {tuple(head.weight.shape)} (padding {head.padding}) but "
+                             f"to_xt has {tuple(self.to_xt.weight.shape)} (padding {self.to_xt.padding}): set "
+                             f"model.generator.xt_kernel_size to {head.kernel_size[0]}")
+        alpha = self.alphas_cumprod[self.timestep].double()
+        scale = float(alpha.sqrt() if self.prediction_type == "epsilon" else 1.0 / alpha.sqrt())
+        self.to_xt.weight.copy_(head.weight * scale)
+        self.to_xt.bias.copy_(head.bias * scale if head.bias is not None else 0.0)
+        self.unet.conv_out.weight.zero_()
+        if self.unet.conv_out.bias is not None:
+            self.unet.conv_out.bias.zero_()
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Trade compute for memory in the UNet (recompute activations in backward)."""
@@ -230,6 +267,7 @@ def build_generator(
     scheduler_config: Mapping[str, Any] | None = None,
     lora: Mapping[str, Any] | None = None,
     gradient_checkpointing: bool = False,
+    xt_kernel_size: int = 1,
     device: str | torch.device | None = None,
 ) -> OneStepGenerator:
     """Build the one-step generator from a local diffusers UNet dir or random weights.
@@ -261,7 +299,8 @@ def build_generator(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         generator = OneStepGenerator(unet, gs_channels=gs_channels, scheduler_config=scheduler_config,
-                                     timestep=timestep, prediction_type=prediction_type, token_dim=token_dim)
+                                     timestep=timestep, prediction_type=prediction_type, token_dim=token_dim,
+                                     xt_kernel_size=xt_kernel_size)
         if lora:
             generator.add_lora(int(lora["rank"]), float(lora.get("alpha", lora["rank"])),
                                list(lora["target_modules"]), float(lora.get("dropout", 0.0)))

@@ -26,12 +26,12 @@ def make_checkpoint(model_config: dict, path: Path, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="session")
 def model_config() -> dict:
-    """The resolved ``model=tiny`` config as the plain dict a checkpoint stores."""
+    """The resolved ``model=tiny_random`` config as the plain dict a checkpoint stores."""
     from omegaconf import OmegaConf
 
     from onedc.config import compose
 
-    return OmegaConf.to_container(compose(["model=tiny"]).model, resolve=True)
+    return OmegaConf.to_container(compose(["model=tiny_random"]).model, resolve=True)
 
 
 @pytest.fixture(scope="session")

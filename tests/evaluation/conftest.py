@@ -28,7 +28,7 @@ def model_config() -> dict:
 
     from onedc.config import compose
 
-    return OmegaConf.to_container(compose(["model=tiny"]).model, resolve=True)
+    return OmegaConf.to_container(compose(["model=tiny_random"]).model, resolve=True)
 
 
 @pytest.fixture(scope="session")

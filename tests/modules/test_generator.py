@@ -17,7 +17,7 @@ LORA = {"rank": 4, "alpha": 4, "target_modules": ["to_q", "to_k", "to_v", "to_ou
 
 @pytest.fixture(scope="module")
 def tiny_model() -> dict:
-    return to_dict(compose(["model=tiny"]).model)
+    return to_dict(compose(["model=tiny_random"]).model)
 
 
 def _inputs(model: dict, batch: int = 2, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +133,7 @@ def test_token_width_must_match_cross_attention(tiny_model):
     with pytest.raises(ValueError, match="tokens are 16-d"):
         generator(features, tokens[..., :16])
     with pytest.raises(ConfigError, match="token_dim=16"):
-        build_generator(compose(["model=tiny", "model.codec.token_dim=16"]).model)
+        build_generator(compose(["model=tiny_random", "model.codec.token_dim=16"]).model)
 
 
 def test_sd15_preset_unet_has_the_reference_size():
@@ -148,3 +148,27 @@ def test_sd15_preset_unet_has_the_reference_size():
     assert reference_layout == SD15_UNET_PARAMS
     assert abs(base / SD15_UNET_PARAMS - 1) < 0.02, f"UNet with the new conv_in: {base / 1e6:.2f}M"
     assert 40e6 < lora < 60e6  # rank-64 LoRA on attention + resnet convs
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_generator_started_from_the_latent_head_reproduces_it(prediction_type):
+    """model=tiny's init: residual: at step 0 the generator's x0 is the codec's light latent reconstruction."""
+    model = to_dict(compose(["model=tiny", f"model.generator.prediction_type={prediction_type}"]).model)
+    generator = build_generator(model).eval()
+    features, tokens = _inputs(model)
+    head = torch.nn.Conv2d(model["codec"]["gs_channels"], 4, 3, padding=1)
+    with torch.no_grad():
+        before = generator(features, tokens)
+        generator.start_from_latent_head(head)
+        after, light = generator(features, tokens), head(features)
+    assert not torch.allclose(before, light, atol=1e-2)
+    assert torch.allclose(after, light, atol=1e-5, rtol=1e-5), (after - light).abs().max()
+    assert generator.unet.conv_out.weight.abs().sum() == 0  # the UNet learns the correction from zero
+
+
+def test_latent_head_start_is_refused_where_it_cannot_hold(tiny_model):
+    with pytest.raises(ValueError, match="set model.generator.xt_kernel_size to 3"):
+        build_generator(tiny_model).start_from_latent_head(torch.nn.Conv2d(tiny_model["codec"]["gs_channels"], 4, 3, padding=1))
+    sample = to_dict(compose(["model=tiny", "model.generator.prediction_type=sample"]).model)
+    with pytest.raises(ValueError, match="needs prediction_type epsilon or v_prediction"):
+        build_generator(sample).start_from_latent_head(torch.nn.Conv2d(sample["codec"]["gs_channels"], 4, 3, padding=1))

@@ -14,7 +14,7 @@ LORA = {"rank": 4, "alpha": 4, "target_modules": ["to_q", "to_k", "to_v", "to_ou
 
 @pytest.fixture(scope="module")
 def tiny_model() -> dict:
-    model = to_dict(compose(["model=tiny"]).model)
+    model = to_dict(compose(["model=tiny_random"]).model)
     model["generator"]["lora"] = LORA  # as the sd15 preset: the file is the base under LoRA
     return model
 

@@ -1,4 +1,4 @@
-"""The quick-trained tiny VAE (model=tiny_vae): it reconstructs held-out photos, is deterministic and
+"""The quick-trained tiny VAE (model=tiny, the default): it reconstructs held-out photos, is deterministic and
 cached, records its identity, and is never trained when a checkpoint is loaded."""
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ def reconstruction_psnr(vae, name: str) -> float:
 
 
 def test_quick_trained_tiny_vae_reconstructs_held_out_photos():
-    model = compose(["model=tiny_vae"]).model
-    trained, random = build_vae(model, quick_train=True), build_vae(compose(["model=tiny"]).model)
+    model = compose([]).model
+    trained, random = build_vae(model, quick_train=True), build_vae(compose(["model=tiny_random"]).model)
     for name, floor in HELD_OUT_PSNR_FLOOR.items():
         assert reconstruction_psnr(random, name) < RANDOM_PSNR_CEILING
         assert reconstruction_psnr(trained, name) > floor, name

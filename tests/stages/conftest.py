@@ -12,7 +12,7 @@ import pytest
 from onedc import pipeline
 from onedc.config import compose
 
-BASE = ["model=tiny", "trainer.enable_progress_bar=false", "data.batch_size=2", "data.crop_size=128", "trainer.logger=none"]
+BASE = ["model=tiny_random", "trainer.enable_progress_bar=false", "data.batch_size=2", "data.crop_size=128", "trainer.logger=none"]
 LATENT_CKPT_STEPS = 16
 
 

@@ -1,4 +1,4 @@
-"""End to end through real files: a short distill run with the quick-trained tiny VAE decodes the held-out
+"""End to end through real files: a short distill run on the default preset (its quick-trained VAE) decodes the held-out
 photos far above what the random VAE allowed (its own reconstructions: 8.5 / 10.8 dB)."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ PSNR_FLOOR = 14.0
 
 
 def test_short_distill_run_decodes_held_out_photos(tmp_path):
-    cfg = compose(["stage=distill", "model=tiny_vae", f"run_dir={tmp_path}", f"trainer.max_steps={STEPS}", "data.crop_size=128",
+    cfg = compose(["stage=distill", f"run_dir={tmp_path}", f"trainer.max_steps={STEPS}", "data.crop_size=128",
                    "trainer.logger=none", "trainer.enable_progress_bar=false", f"stage.val_every_n_steps={STEPS}",
                    f"stage.checkpoint_every_n_steps={STEPS}"])
     final = pipeline.run(cfg)[0].final_ckpt

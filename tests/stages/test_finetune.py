@@ -26,7 +26,7 @@ from onedc.datamodules.image_folder import sample_photo_paths
 from onedc.stages.finetune import DISCRIMINATOR_GROUP, FinetuneStage, _base_optimizer
 
 REPO = Path(__file__).resolve().parents[2]
-BASE = ["model=tiny", "trainer.enable_progress_bar=false", "data.batch_size=2", "data.crop_size=128", "stage=finetune",
+BASE = ["model=tiny_random", "trainer.enable_progress_bar=false", "data.batch_size=2", "data.crop_size=128", "stage=finetune",
         "stage.lpips.random_backbone=true", "stage.image_every_n_steps=null"]
 
 

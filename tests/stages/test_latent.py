@@ -14,10 +14,14 @@ from onedc.config import compose
 from onedc.errors import CheckpointError
 from onedc.stages.latent import LatentStage
 
+# The default preset (quick-trained VAE, generator started from the codec's light reconstruction).
 SMALL = ["model=tiny", "trainer.enable_progress_bar=false", "data.batch_size=2", "data.crop_size=128"]
+DISTILL_STEPS = 60
+DISTILL = SMALL + ["stage=distill", f"trainer.max_steps={DISTILL_STEPS}", f"stage.val_every_n_steps={DISTILL_STEPS}",
+                   f"stage.checkpoint_every_n_steps={DISTILL_STEPS}", "trainer.logger=none"]
 LATENT_STEPS = 24
 LATENT = SMALL + ["stage=latent", f"trainer.max_steps={LATENT_STEPS}", "stage.val_every_n_steps=12",
-                  f"stage.checkpoint_every_n_steps={LATENT_STEPS}", "stage.lr=2e-3", "stage.warmup_steps=1",
+                  f"stage.checkpoint_every_n_steps={LATENT_STEPS}", "stage.lr=5e-4", "stage.warmup_steps=1",
                   "stage.ema_decay=0.5", "stage.image_every_n_steps=12"]
 
 
@@ -62,6 +66,13 @@ def _run_with_probe(monkeypatch, cfg) -> tuple[Probe, list]:
     original = LatentStage.stage_callbacks
     monkeypatch.setattr(LatentStage, "stage_callbacks", lambda self: original(self) + [probe])
     return probe, pipeline.run(cfg)
+
+
+@pytest.fixture(scope="module")
+def distill_ckpt(tmp_path_factory):
+    """final.ckpt of a short distill run on the default preset: a light latent head worth starting from."""
+    run_dir = tmp_path_factory.mktemp("distill-tiny")
+    return pipeline.run(compose(DISTILL + [f"run_dir={run_dir}"]))[0].final_ckpt
 
 
 @pytest.fixture(scope="module")
