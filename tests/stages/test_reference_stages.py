@@ -208,3 +208,47 @@ def test_distill_of_the_reference_family_is_one_clear_error(tmp_path):
     cfg = compose(["model=onedc_sd15", "stage=distill", f"run_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="stage=distill is not built for model=onedc_sd15"):
         build_stage(cfg, cfg.stage)
+
+
+def test_full_size_latent_stage_optimises_the_lora_conv_in_and_vae_reduction():
+    """At full size (meta device): LoRA 67,252,224 (REFERENCE.md §5.1) + conv_in 921,920 + vae_reduction
+    936,008 elements, the same set in the optimiser and the EMA; the UNet base stays out."""
+    from torch import nn
+
+    from onedc.callbacks import EMACallback
+    from onedc.modules.reference.generator import build_reference_generator
+    from onedc.stages.common import ModelIdentity, OptimizerSpec
+
+    generator = build_reference_generator(device="meta")
+    stage = LatentStage(vae=nn.Identity(), codec=nn.Identity(), generator=generator, optimizer=OptimizerSpec(),
+                        identity=ModelIdentity(model={}))
+    optimised = [p for group in stage.configure_optimizers()["optimizer"].param_groups for p in group["params"]]
+    tracked = EMACallback(modules=("generator",)).tracked(stage)
+    assert {id(p) for p in optimised} == {id(p) for p in tracked.values()}
+    assert all(trainable(key) for key in tracked)
+    counts = {"lora": 0, "conv_in": 0, "vae_reduction": 0}
+    for key, param in tracked.items():
+        counts["lora" if ".lora_" in key else "conv_in" if ".conv_in." in key else "vae_reduction"] += param.numel()
+    assert counts == {"lora": 67_252_224, "conv_in": 921_920, "vae_reduction": 936_008}
+
+
+def test_with_the_lora_merged_the_whole_generator_trains(imported, tmp_path):
+    from onedc.reference_import import ReferenceArchitecture, import_reference
+
+    release = imported.parent
+    model = small_model_config()
+    architecture = ReferenceArchitecture(
+        generator={"unet_config": model["generator"]["unet"], "gs_channels": 32, "lora_rank": 4, "lora_alpha": 0.5},
+        codec=model["codec"], vae=model["vae"]["config"])
+    model["generator"]["lora"] = None
+    merged = import_reference(release / "ckpt", release / "vae", tmp_path / "merged.ckpt", model_config=model,
+                              architecture=architecture, merge_lora=True)
+    cfg = reference_cfg(["stage=latent"], tmp_path, merged)
+    with open_dict(cfg):
+        cfg.model.generator.lora = None
+    module = build_stage(cfg, cfg.stage)
+    report = pipeline.load_init_weights(module, merged, cfg)
+    assert not report["missing"] and not report["unexpected"]
+    params = dict(module.generator.named_parameters())
+    assert not any(".lora_" in key for key in params) and all(p.requires_grad for p in params.values())
+    assert not any(p.requires_grad for p in module.codec.parameters())
