@@ -15,13 +15,12 @@ weights). Every figure is timed inside the real decoder: each measurement is one
 ``OneDCCodec.decompress_bytes``, and the split comes from forward hooks on the codec's and
 generator's submodules and from timing wrappers around the bundle's own decode stages, so
 nothing is re-run on its own. The 1-step and N-step decodes are timed round-robin (after one
-untimed 1-step warm-up, which runs every kernel the N-step decode runs); the figures are
-medians over ``--repeats`` rounds.
+untimed 1-step warm-up, which runs every kernel the N-step decode runs); each is reported by
+its median round of ``--repeats``.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections import defaultdict
 from typing import Any, Callable, Mapping, Sequence
@@ -108,11 +107,12 @@ class StageTimer:
 
 def interleaved(fns: Mapping[str, Callable[[], dict[str, float]]], repeats: int,
                 warmup: Callable[[], object] | None = None) -> dict[str, dict[str, float]]:
-    """Median of each figure that each ``fn()`` returns, the fns timed round-robin ``repeats`` times.
+    """Per fn, the figures of its median run by ``"total"``, the fns timed round-robin ``repeats`` times.
 
     Round-robin timing exposes every measurement to the same machine load, so their ratios stay
-    meaningful on a shared machine even when the absolute times drift. ``warmup`` runs once first,
-    untimed.
+    meaningful on a shared machine even when the absolute times drift. The median run is reported
+    whole (not a median per figure), so its split adds up to its total. ``warmup`` runs once
+    first, untimed.
     """
     if warmup is not None:
         warmup()
@@ -120,8 +120,7 @@ def interleaved(fns: Mapping[str, Callable[[], dict[str, float]]], repeats: int,
     for _ in range(repeats):
         for name, fn in fns.items():
             runs[name].append(fn())
-    return {name: {key: statistics.median(r.get(key, 0.0) for r in values) for key in values[0]}
-            for name, values in runs.items()}
+    return {name: sorted(values, key=lambda r: r["total"])[(len(values) - 1) // 2] for name, values in runs.items()}
 
 
 def load_bundle(ckpt: str | None, model: str, device: str):
@@ -214,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
 
     start = time.perf_counter()
     bundle, what = load_bundle(args.ckpt, args.model, args.device)
-    n_params = sum(p.numel() for p in bundle.parameters())
+    counts = {part: sum(p.numel() for p in getattr(bundle, part).parameters()) / 1e6
+              for part in ("codec", "generator", "vae")}
     built_s = time.perf_counter() - start
     data = bundle.compress_image(sample_image(args.size))
     encoded_s = time.perf_counter() - start - built_s
@@ -231,9 +231,10 @@ def main(argv: list[str] | None = None) -> None:
         return lambda: timer.measure(run)
 
     t = interleaved({"1": decode(1), "n": decode(args.steps)}, args.repeats, warmup=decode(1))
-    rounds = (f"median of {args.repeats} interleaved rounds" if args.repeats > 1
+    rounds = (f"median of {args.repeats} interleaved rounds (by total)" if args.repeats > 1
               else "one timed round (repeats=1), the two decodes interleaved")
-    print(f"decode benchmark: {what} ({n_params / 1e6:.1f}M parameters), {args.size}x{args.size} image "
+    print(f"decode benchmark: {what} ({', '.join(f'{part} {n:.1f}M' for part, n in counts.items())} parameters), "
+          f"{args.size}x{args.size} image "
           f"({len(data)} bytes, {8 * len(data) / args.size ** 2:.4f} bpp), {args.device}"
           f"{' bf16 autocast' if args.bf16 else ' fp32'}, {torch.get_num_threads()} thread(s), {rounds} "
           f"after a 1-step warm-up (build {built_s:.0f} s, encode {encoded_s:.0f} s)\n")
