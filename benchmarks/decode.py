@@ -182,11 +182,13 @@ def report(t1: dict[str, float], tn: dict[str, float], codec_rows: tuple[str, ..
     lines = [f"{'decode split':<50} {'1-step ms':>10} {'%':>6} {f'{steps}-step ms':>11} {'%':>6}"]
     for (name, a), (_, b) in zip(split(t1), split(tn)):
         lines.append(f"  {name:<48} {a:10.1f} {100 * a / t1['total']:6.1f} {b:11.1f} {100 * b / tn['total']:6.1f}")
-    lines.append(f"  {'total (decompress_bytes)':<48} {t1['total']:10.1f} {100.0:6.1f} {tn['total']:11.1f} {100.0:6.1f}")
+    total = "total (decompress_bytes)"
+    lines.append(f"  {total:<48} {t1['total']:10.1f} {100.0:6.1f} {tn['total']:11.1f} {100.0:6.1f}")
     shared = t1["total"] - t1["generator"]
     lines += ["",
               f"1-step decode   {t1['total']:10.1f} ms   (generator {t1['generator']:.1f} ms)",
-              f"{steps}-step decode  {tn['total']:10.1f} ms   (generator {tn['generator']:.1f} ms, DDIM from t={timestep})",
+              f"{steps}-step decode  {tn['total']:10.1f} ms   "
+              f"(generator {tn['generator']:.1f} ms, DDIM from t={timestep})",
               f"ratio {steps}-step / 1-step: {tn['total'] / t1['total']:.2f}x end to end, "
               f"{tn['generator'] / t1['generator']:.1f}x latent decoding (generator); "
               f"shared parts (entropy + codec networks + VAE): {shared:.1f} ms of the 1-step decode"]
