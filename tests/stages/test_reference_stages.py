@@ -83,6 +83,7 @@ def test_latent_trains_only_the_lora_conv_in_and_vae_reduction(imported, latent_
             assert not torch.equal(raw[key], value), key  # every trained tensor moved (AdamW)
         else:  # codec, VAE and the UNet base weights: bit for bit the imported ones
             assert torch.equal(final[key], value), key
+    assert any(not torch.equal(raw[k], final[k]) for k in raw)  # final.ckpt holds the EMA, not the raw weights
 
 
 def test_resume_continues_from_the_last_checkpoint(imported, latent_run, monkeypatch):
