@@ -19,10 +19,10 @@ SMALL = ["model=tiny", "trainer.enable_progress_bar=false", "data.batch_size=2",
 DISTILL_STEPS = 60
 DISTILL = SMALL + ["stage=distill", f"trainer.max_steps={DISTILL_STEPS}", f"stage.val_every_n_steps={DISTILL_STEPS}",
                    f"stage.checkpoint_every_n_steps={DISTILL_STEPS}", "trainer.logger=none"]
-LATENT_STEPS = 24
-LATENT = SMALL + ["stage=latent", f"trainer.max_steps={LATENT_STEPS}", "stage.val_every_n_steps=12",
+LATENT_STEPS = 96
+LATENT = SMALL + ["stage=latent", f"trainer.max_steps={LATENT_STEPS}", "stage.val_every_n_steps=48",
                   f"stage.checkpoint_every_n_steps={LATENT_STEPS}", "stage.lr=5e-4", "stage.warmup_steps=1",
-                  "stage.ema_decay=0.5", "stage.image_every_n_steps=12"]
+                  "stage.ema_decay=0.5", "stage.image_every_n_steps=48"]
 
 
 def _codec_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -123,7 +123,7 @@ def test_final_checkpoint_holds_the_ema_weights(latent_run):
 
     events = EventAccumulator(str(run_dir / "latent" / "tb"), size_guidance={"images": 0})
     events.Reload()
-    assert [e.step for e in events.Images("images/reconstruction")] == [12, 24]
+    assert [e.step for e in events.Images("images/reconstruction")] == [48, 96]
 
 
 def test_resume_restores_ema_and_training_weights(latent_run, distill_ckpt, monkeypatch):
