@@ -67,8 +67,12 @@ def build_teacher(tokenizer_cfg: DictConfig, device: str | torch.device | None =
     return _build(str(tokenizer_cfg.kind), device=device, allow_random=allow_random, **teacher_kwargs(tokenizer_cfg))
 
 
-def build_distill_loss(tokenizer_cfg: DictConfig, model_cfg: DictConfig, teacher) -> Any:
-    """The training-only semantic predictor head + loss for ``teacher``."""
+def build_distill_loss(tokenizer_cfg: DictConfig, model_cfg: DictConfig, teacher, in_channels: int | None = None) -> Any:
+    """The training-only semantic predictor head + loss for ``teacher``.
+
+    The head reads the codec's semantic map: ``in_channels`` wide (default ``model.codec.token_dim``,
+    the light codec's; :func:`_build_distill` passes the built codec's width).
+    """
     from onedc.modules.distill import SemanticDistillLoss
 
     head = to_dict(tokenizer_cfg.head)
@@ -81,7 +85,8 @@ def build_distill_loss(tokenizer_cfg: DictConfig, model_cfg: DictConfig, teacher
         kwargs["mse_weight"] = float(head.get("mse_weight", 0.01))
     else:
         kwargs["feature_loss"] = str(head.get("feature_loss", "cosine"))
-    return SemanticDistillLoss(int(model_cfg.codec.token_dim), teacher_kind=teacher.kind,
+    width = int(model_cfg.codec.token_dim) if in_channels is None else int(in_channels)
+    return SemanticDistillLoss(width, teacher_kind=teacher.kind,
                                target_dim=teacher.target_dim, num_codes=teacher.num_codes, **kwargs)
 
 
@@ -119,18 +124,29 @@ def identity(cfg: DictConfig, stage_cfg: DictConfig, teacher=None, vae=None):
     return ModelIdentity(model=model, tokenizer=tokenizer, stage=str(stage_cfg.name))
 
 
+def _semantic_width(codec) -> int:
+    """Width of a built codec's semantic map (the distillation head's input): the reference's S, the light tokens."""
+    config = codec.config
+    return int(config["semantic_ch"] if "semantic_ch" in config else config["token_dim"])
+
+
 def _build_distill(cfg: DictConfig, stage_cfg: DictConfig):
+    """Stage 1. The published OneDC (``family: reference``) has no light latent head: its codec distils
+    jointly with the one-step generator (REFERENCE.md §10.1), which v̂ then comes from."""
     from onedc.stages.distill import DistillStage
 
-    vae = build_vae(cfg.model, quick_train=True)
-    codec = build_codec(cfg.model, vae.latent_channels)
+    if spec_builders.is_reference(cfg.model):
+        vae, codec, generator = _vae_codec_generator(cfg)
+    else:
+        vae = build_vae(cfg.model, quick_train=True)
+        codec, generator = build_codec(cfg.model, vae.latent_channels), None
     teacher = build_teacher(cfg.tokenizer)
-    distill = build_distill_loss(cfg.tokenizer, cfg.model, teacher)
+    distill = build_distill_loss(cfg.tokenizer, cfg.model, teacher, in_channels=_semantic_width(codec))
     return DistillStage(
         vae=vae, codec=codec, teacher=teacher, distill=distill, optimizer=optimizer_spec(stage_cfg),
         identity=identity(cfg, stage_cfg, teacher, vae), lmbda=float(stage_cfg.lmbda),
         lmbda_warmup_steps=int(stage_cfg.lmbda_warmup_steps), distill_weight=float(stage_cfg.distill_weight),
-        latent_weight=float(stage_cfg.latent_weight),
+        latent_weight=float(stage_cfg.latent_weight), generator=generator,
     )
 
 
@@ -231,8 +247,4 @@ def build_stage(cfg: DictConfig, stage_cfg: DictConfig):
     name = str(stage_cfg.name)
     if name not in STAGE_BUILDERS:
         raise ConfigError(f"stage '{name}' has no builder; known stages: {', '.join(STAGE_BUILDERS)}")
-    if name == "distill" and spec_builders.is_reference(cfg.model):
-        raise ConfigError(f"stage=distill is not built for model={cfg.model.name} (the published OneDC) yet: "
-                          "import its released weights with `onedc import-reference` and train stage=latent or "
-                          "stage=finetune with init_from=OUT.ckpt, or distill model=sd15")
     return STAGE_BUILDERS[name](cfg, stage_cfg)

@@ -61,5 +61,5 @@ def build_generator(model_config: Mapping[str, Any], device: str | torch.device 
             unet_config=gen.get("unet"), gs_channels=int(gen.get("gs_channels", 320)), lora=bool(lora),
             **({"lora_rank": int(lora["rank"]), "lora_alpha": float(lora["alpha"])} if lora else {}),
             seed=int(gen.get("seed", 0)), gradient_checkpointing=bool(gen.get("gradient_checkpointing", False)),
-            device=device)
+            pretrained=gen.get("pretrained"), device=device)
     return _build_generator(**generator_kwargs(model_config), device=device)

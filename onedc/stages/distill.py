@@ -8,6 +8,12 @@
                            └─ g_s ─> v̂ ~ v                                           (latent MSE)
     loss = λ(t)·R + w_d·L_distill + w_v·MSE(v̂, v),   λ(t) quadratic warm-up
 
+v̂ comes from the codec's light latent head (``HyperpriorCodec.to_latent``), or, when the stage
+is given a ``generator``, from the one-step generator trained jointly with the codec: the
+published OneDC has no light head and trains codec and generator together (REFERENCE.md
+§10.1, its stages 1 and 2 fused), so ``family: reference`` distils that way and its checkpoint
+decodes through the generator.
+
 The teacher is frozen and deliberately *not* a submodule: it is never in ``state_dict``, the
 optimiser, or the DDP/DeepSpeed wrapper; it is moved to the stage's device on use.
 """
@@ -19,15 +25,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from onedc.modules.codec import HyperpriorCodec
 from onedc.modules.distill import SemanticDistillLoss
+from onedc.modules.generator import OneStepGenerator
 from onedc.modules.teachers import Teacher
 from onedc.modules.vae import FrozenVAE
-from onedc.stages.common import ModelIdentity, OptimizerSpec, StageModule, quadratic_ramp
+from onedc.stages.common import ModelIdentity, OptimizerSpec, StageCodec, StageModule, estimated_bpp, quadratic_ramp
 
 
 class DistillStage(StageModule):
-    """LightningModule of stage 1. Receives built modules; reads no config."""
+    """LightningModule of stage 1. Receives built modules; reads no config.
+
+    ``generator`` (optional): a one-step generator trained jointly, whose output is v̂ (see the
+    module docstring); its trainable parameters (under LoRA: adapter, conv_in, x_t head) join
+    the optimiser. Without it v̂ is the codec's light reconstruction ``latent_hat``.
+    """
 
     summary_keys = ("bpp", "token_acc", "majority_acc", "distill_ce", "latent_mse")
 
@@ -35,7 +46,7 @@ class DistillStage(StageModule):
         self,
         *,
         vae: FrozenVAE,
-        codec: HyperpriorCodec,
+        codec: StageCodec,
         teacher: Teacher,
         distill: SemanticDistillLoss,
         optimizer: OptimizerSpec,
@@ -44,13 +55,18 @@ class DistillStage(StageModule):
         lmbda_warmup_steps: int = 0,
         distill_weight: float = 1.0,
         latent_weight: float = 1.0,
+        generator: OneStepGenerator | None = None,
     ) -> None:
         super().__init__(identity)
         self.vae = vae
         self.codec = codec
-        # The cross-attention tokens feed only the generator (stage 2+): their norm gets no
-        # gradient here, and DDP refuses parameters without one.
-        self.codec.token_norm.requires_grad_(False)
+        token_norm = getattr(self.codec, "token_norm", None)
+        if token_norm is not None and generator is None:
+            # The cross-attention tokens feed only the generator (stage 2+): their norm gets no
+            # gradient here, and DDP refuses parameters without one.
+            token_norm.requires_grad_(False)
+        if generator is not None:
+            self.generator = generator
         self.distill = distill
         self.__dict__["teacher"] = teacher  # not a submodule: see the module docstring
         self.optimizer_spec = optimizer
@@ -77,9 +93,11 @@ class DistillStage(StageModule):
         v = self.vae.encode(x)
         targets = teacher.targets(x)
         out = self.codec(x, v)
-        bpp = self.codec.bpp(out, x.shape[-2] * x.shape[-1]).mean()
+        bpp = estimated_bpp(self.codec, out, x.shape[-2] * x.shape[-1]).mean()
         distill = self.distill(out.semantic, targets, teacher.codebook())
-        latent_mse = F.mse_loss(out.latent_hat.float(), v)
+        generator = getattr(self, "generator", None)
+        latent = out.latent_hat if generator is None else generator(out.features, out.tokens)
+        latent_mse = F.mse_loss(latent.float(), v)
         lam = self.current_lambda()
         loss = lam * bpp + self.distill_weight * distill.loss + self.latent_weight * latent_mse
         metrics = {

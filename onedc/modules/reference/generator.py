@@ -151,14 +151,18 @@ class ReferenceGenerator(OneStepGenerator):
 
 def build_reference_generator(*, unet_config: Mapping[str, Any] | None = None, gs_channels: int = 320,
                               lora: bool = True, lora_rank: int = LORA_RANK, lora_alpha: float = LORA_ALPHA,
-                              seed: int = 0, gradient_checkpointing: bool = False,
+                              seed: int = 0, gradient_checkpointing: bool = False, pretrained: str | None = None,
                               device: str | torch.device | None = None) -> ReferenceGenerator:
     """Build the §5 generator with random weights (the released file supplies real ones).
 
     ``unet_config`` (diffusers kwargs) defaults to :data:`SD15_UNET_CONFIG`; a smaller one keeps
     the layout for tests. Weights are drawn from ``seed`` in a forked RNG (the global RNG is
     untouched); ``device="meta"`` builds shapes only (parameter counts, key lists).
-    ``gradient_checkpointing`` recomputes UNet activations in backward (training).
+    ``pretrained`` loads the UNet first, before the new conv_in and the LoRA, as the reference's
+    stage I loads DMD2's one-step SD-1.5 UNet (§10.1): a UNet state-dict file of ``unet_config``
+    (e.g. DMD2's ``pytorch_model.bin``, strict) or a diffusers UNet dir, read by
+    :func:`onedc.modules.generator.build_generator`'s loader; conv_in, vae_reduction and LoRA A
+    are still drawn from ``seed``. ``gradient_checkpointing`` recomputes UNet activations in backward.
     """
     from diffusers import UNet2DConditionModel
 
@@ -166,7 +170,13 @@ def build_reference_generator(*, unet_config: Mapping[str, Any] | None = None, g
     meta = str(device) == "meta"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if meta:
+        if pretrained is not None and not meta:
+            from onedc.modules.generator import _load_unet
+
+            unet = _load_unet(pretrained, config)
+            generator = ReferenceGenerator(unet, gs_channels=gs_channels, lora=lora, lora_rank=lora_rank,
+                                           lora_alpha=lora_alpha)
+        elif meta:
             with torch.device("meta"):
                 unet = UNet2DConditionModel(**config)
                 generator = ReferenceGenerator(unet, gs_channels=gs_channels, lora=lora, lora_rank=lora_rank,
