@@ -1,10 +1,11 @@
-"""The published OneDC trains: `stage=latent` / `stage=finetune` with `init_from=` an imported release.
+"""The published OneDC trains: `stage=latent` / `stage=finetune` with `init_from=` an imported release,
+and `stage=distill` from scratch.
 
 A small-width release in the authors' layout is imported with the real importer (the fixture of
 tests/bitstream/test_reference_bundle.py), then trained a few steps through ``pipeline.run``
 with ``model=onedc_sd15`` at that width. The reference recipe (REFERENCE.md §10.2): the codec is
 frozen, the generator trains its LoRA, the new conv_in and vae_reduction; the VAE comes from
-the checkpoint.
+the checkpoint. Distillation trains codec and generator together (§10.1).
 """
 from __future__ import annotations
 
