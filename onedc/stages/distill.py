@@ -29,7 +29,8 @@ from onedc.modules.distill import SemanticDistillLoss
 from onedc.modules.generator import OneStepGenerator
 from onedc.modules.teachers import Teacher
 from onedc.modules.vae import FrozenVAE
-from onedc.stages.common import ModelIdentity, OptimizerSpec, StageCodec, StageModule, estimated_bpp, quadratic_ramp
+from onedc.stages.common import (ModelIdentity, OptimizerSpec, StageCodec, StageModule, codec_pass, estimated_bpp,
+                                 quadratic_ramp)
 
 
 class DistillStage(StageModule):
@@ -92,7 +93,7 @@ class DistillStage(StageModule):
         teacher = self._teacher_on_device()
         v = self.vae.encode(x)
         targets = teacher.targets(x)
-        out = self.codec(x, v)
+        out = codec_pass(self.codec, x, v)
         bpp = estimated_bpp(self.codec, out, x.shape[-2] * x.shape[-1]).mean()
         distill = self.distill(out.semantic, targets, teacher.codebook())
         generator = getattr(self, "generator", None)

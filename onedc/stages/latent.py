@@ -26,7 +26,7 @@ from onedc.eval.pixels import psnr  # val/psnr: the 8-bit convention of onedc ev
 from onedc.modules.generator import OneStepGenerator
 from onedc.modules.vae import FrozenVAE
 from onedc.stages.common import (CodecPass, ModelIdentity, OptimizerSpec, StageCodec, StageModule,
-                                 estimated_bpp, freeze)
+                                 codec_pass, estimated_bpp, freeze)
 
 LATENT_LOSSES = ("mse", "l1")
 
@@ -96,7 +96,7 @@ class LatentStage(StageModule):
         """Image in [-1,1] -> (generated latent v̂, VAE latent v, codec output)."""
         v = self.vae.encode(x)
         with torch.set_grad_enabled(self.train_codec and torch.is_grad_enabled()):
-            out = self.codec(x, v)
+            out = codec_pass(self.codec, x, v)
         return self.generator(out.features, out.tokens), v, out
 
     def reconstruct(self, x: Tensor) -> Tensor:
