@@ -97,12 +97,20 @@ def test_codec_starts_from_distill_and_stays_frozen(distill_ckpt, latent_run):
 
 
 def test_validation_latent_loss_drops(latent_run):
-    """Spread (benchmarks/learning_spread.py --figures latent; native AVX-512 and ATEN default +
-    oneDNN SSE4.1 kernels, seeds 0 and 1): end / start 0.021 .. 0.032 (bar 0.7), end / zero
-    predictor 0.534 .. 0.655 (mean 0.597, sd 0.063; the bar of 0.8 is 3.2 sd above the mean)."""
+    """The generator starts at the codec's light latent reconstruction (model.generator.init:
+    residual) and improves on it on the held-out photos.
+
+    Spread (benchmarks/learning_spread.py --figures latent; native AVX-512 and ATEN default +
+    oneDNN SSE4.1 kernels, seeds 0 and 1, each with its own quick-trained VAE and teacher):
+    - start / zero predictor 0.38 .. 0.94: the light head of the 60-step distill run;
+    - end / start 0.570, 0.881, 0.854, 0.891 (bar 0.95: 0.06 above the worst run, 3.9 sd of the
+      three runs that started from a good head, mean 0.875, sd 0.019);
+    - end / zero predictor 0.32 .. 0.54 (mean 0.40, sd 0.096; bar 0.8, 4.2 sd above the mean).
+    Before the residual start, 24 steps from a random UNet ended at 1.1 x the zero predictor.
+    """
     records, _, _ = latent_run
     end = records["val"][-1]
-    assert end["val/latent_loss"] < 0.7 * records["val_start"], (records["val_start"], records["val"])
+    assert end["val/latent_loss"] < 0.95 * records["val_start"], (records["val_start"], records["val"])
     assert end["val/latent_loss"] < 0.8 * records["val_zero"], (records["val_zero"], records["val"])
     assert torch.isfinite(torch.tensor([end["val/psnr"], end["val/bpp"]])).all()
 
