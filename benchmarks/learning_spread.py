@@ -88,6 +88,16 @@ def latent(run_dir: str, seed: int) -> dict[str, float]:
             "start_vs_zero": probe.records["val_start"] / probe.records["val_zero"]}
 
 
+def end_to_end(run_dir: str, seed: int) -> dict[str, float]:
+    """tests/stages/test_end_to_end_psnr.py: PSNR of the held-out photos through real files after 120 distill steps."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "stages"))
+    from test_end_to_end_psnr import held_out_rows  # the test's own run
+
+    rows = held_out_rows(Path(run_dir), [f"seed={seed}"])
+    return {f"psnr_{name}": row["psnr"] for name, row in rows.items()} | {
+        f"bpp_{name}": row["bpp"] for name, row in rows.items()}
+
+
 def teacher(run_dir: str, seed: int) -> dict[str, float]:
     """tests/modules/test_teachers.py: linear read-out of the quick-trained tiny teacher's codes."""
     import torch
@@ -100,14 +110,16 @@ def teacher(run_dir: str, seed: int) -> dict[str, float]:
     return {"acc_over_majority": accuracy - majority}
 
 
-FIGURES = {"distill": distill, "rate": rate, "latent": latent, "teacher": teacher}
+FIGURES = {"distill": distill, "rate": rate, "latent": latent, "end_to_end": end_to_end, "teacher": teacher}
 
 
-def one_run(figure: str, kernels: str, seed: int) -> dict:
+def one_run(figure: str, kernels: str, seed: int, caches: str) -> dict:
     """Run one figure in a fresh process with the given kernel set; return its values."""
     with tempfile.TemporaryDirectory(prefix="onedc-spread-") as tmp:
-        # A cache of its own: the quick-trained teacher (and VAE) are trained with this run's kernels.
-        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", ONEDC_CACHE=f"{tmp}/cache", **KERNELS[kernels])
+        # A cache per kernel set: the quick-trained teacher and VAE are trained with these kernels
+        # (their own seeds do not change with the run's), once, then shared by its runs.
+        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", ONEDC_CACHE=f"{caches}/{kernels}",
+                   **KERNELS[kernels])
         out = subprocess.run([sys.executable, __file__, "--worker", figure, tmp, str(seed)], env=env,
                              capture_output=True, text=True, check=False)
         lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
@@ -131,9 +143,10 @@ def main(argv: list[str] | None = None) -> None:
         figure, run_dir, seed = args.worker
         print("RESULT " + json.dumps(FIGURES[figure](run_dir, int(seed))), flush=True)
         return
-    jobs = [(f, k, s) for f in args.figures for k in args.kernels for s in args.seeds]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda job: one_run(*job), jobs))
+    # Kernel sets alternate, so the first runs at once fill different caches.
+    jobs = [(f, k, s) for f in args.figures for s in args.seeds for k in args.kernels]
+    with tempfile.TemporaryDirectory(prefix="onedc-spread-caches-") as caches, ThreadPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(lambda job: one_run(*job, caches), jobs))
     for r in results:
         print(json.dumps(r))
     for figure in args.figures:

@@ -2,6 +2,8 @@
 photos far above what the random VAE allowed (its own reconstructions: 8.5 / 10.8 dB)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from onedc import pipeline
 from onedc.config import compose
 from onedc.datamodules import sample_photo_paths
@@ -15,14 +17,20 @@ STEPS = 120
 PSNR_FLOOR = 14.0
 
 
-def test_short_distill_run_decodes_held_out_photos(tmp_path):
-    cfg = compose(["stage=distill", f"run_dir={tmp_path}", f"trainer.max_steps={STEPS}", "data.crop_size=128",
+def held_out_rows(run_dir: Path, overrides: list[str] = ()) -> dict[str, dict]:
+    """Train the short distill run in ``run_dir`` and code the held-out photos: name -> eval row."""
+    cfg = compose(["stage=distill", f"run_dir={run_dir}", f"trainer.max_steps={STEPS}", "data.crop_size=128",
                    "trainer.logger=none", "trainer.enable_progress_bar=false", f"stage.val_every_n_steps={STEPS}",
-                   f"stage.checkpoint_every_n_steps={STEPS}"])
+                   f"stage.checkpoint_every_n_steps={STEPS}", *overrides])
     final = pipeline.run(cfg)[0].final_ckpt
     photos = sample_photo_paths()
-    result = evaluate([final], [photos["grace_hopper"], photos["motorcycle_right"]], tmp_path / "eval",
+    result = evaluate([final], [photos["grace_hopper"], photos["motorcycle_right"]], run_dir / "eval",
                       baselines=False, progress=False, say=lambda message: None)
-    rows = {row["image"]: row for row in result.rows}
+    return {row["image"]: row for row in result.rows}
+
+
+def test_short_distill_run_decodes_held_out_photos(tmp_path):
+    rows = held_out_rows(tmp_path)
+    assert len(rows) == 2, rows
     for name, row in rows.items():
         assert row["psnr"] > PSNR_FLOOR, (name, row["psnr"], row["bpp"])
