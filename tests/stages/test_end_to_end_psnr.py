@@ -1,5 +1,5 @@
 """End to end through real files: a short distill run on the default preset (its quick-trained VAE) decodes the held-out
-photos far above what the random VAE allowed (its own reconstructions: 8.5 / 10.8 dB)."""
+photos above what the random VAE allowed (its own reconstructions: 8.5 / 10.8 dB)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,11 +10,13 @@ from onedc.datamodules import sample_photo_paths
 from onedc.evaluation import evaluate
 
 STEPS = 120
-# Measured (120 steps, 2 x 128 px crops, ~0.3 bpp from the files): grace_hopper 16.58,
-# motorcycle_right 16.20 dB with AVX2 kernels; 16.58 / 17.52 dB with ATEN_CPU_CAPABILITY=default
-# ONEDNN_MAX_CPU_ISA=SSE41 (its own quick-trained VAE). The random VAE capped both at 8.5 / 10.8 dB
-# (300 distill steps with it: 8.48 / 10.81 dB). The floor keeps >= 2.2 dB of margin.
-PSNR_FLOOR = 14.0
+# Spread (benchmarks/learning_spread.py --figures end_to_end: 120 steps, 2 x 128 px crops, 0.28 ..
+# 0.32 bpp from the files; native AVX-512 and ATEN default + oneDNN SSE4.1 kernels, seeds 0 and 1):
+# grace_hopper 17.18, 14.65, 14.38, 16.41 dB, motorcycle_right 16.49, 14.81, 14.01, 16.59 dB
+# (mean 15.57, sd 1.22 over the eight). A 120-step codec is noisy: the floor sits 3.3 sd below
+# the mean and 2.5 dB below the worst run, and above what the random VAE allows at all (its own
+# reconstructions: 8.5 / 10.8 dB; 300 distill steps with it: 8.48 / 10.81 dB).
+PSNR_FLOOR = 11.5
 
 
 def held_out_rows(run_dir: Path, overrides: list[str] = ()) -> dict[str, dict]:
