@@ -1,6 +1,6 @@
 """After distill training, the file's rate matches the likelihood estimate within 2% per image.
 
-Spread (benchmarks/learning_spread.py --figures rate; native AVX-512 and ATEN default + oneDNN
+Spread (benchmarks/learning_spread.py --figures rate; native AVX2 and ATEN default + oneDNN
 SSE4.1 kernels, seeds 0 and 1, the default preset with its quick-trained VAE): the largest
 |payload - estimate| / estimate over the 7 photos is 0.95 .. 1.05 % (sd 0.05 %): the 2 % bar is
 19 sd away. (With the random VAE of model=tiny_random: 0.59 .. 0.70 %.)

@@ -13,12 +13,12 @@ from onedc.datamodules import load_image, sample_photo_paths
 from onedc.errors import ConfigError
 from onedc.evaluation import psnr_uint8, to_uint8
 
-# Quick-trained (600 + 200 steps, ~100 s on one core, once per session): grace_hopper 19.86,
-# motorcycle_right 20.88 dB with this machine's AVX-512 kernels; 19.81 / 20.76 dB with
-# ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 (the training trajectory follows the
-# kernels' rounding: other weights, nearby figures). The floors keep >= 1.75 dB of margin below
-# both, and stay 6 dB above the random VAE (8.5-10.8 dB, under 12). The recipe before (200 + 200
-# steps): 18.42 / 19.52 dB.
+# Quick-trained (600 + 200 steps, 100-250 s on one core, once per session): grace_hopper 19.86,
+# motorcycle_right 20.88 dB with AVX2 kernels; 19.81 / 20.76 dB with ATEN_CPU_CAPABILITY=default
+# ONEDNN_MAX_CPU_ISA=SSE41; 20.19 / 20.57 dB on an AVX-512 machine (the training trajectory
+# follows the kernels' rounding: other weights, nearby figures). The floors keep >= 1.5 dB of
+# margin below all three, and stay 6 dB above the random VAE (8.5-10.8 dB, under 12). The recipe
+# before (200 + 200 steps): 18.42 / 19.52 dB.
 HELD_OUT_PSNR_FLOOR = {"grace_hopper": 18.0, "motorcycle_right": 19.0}
 RANDOM_PSNR_CEILING = 12.0
 

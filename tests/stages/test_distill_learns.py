@@ -1,7 +1,7 @@
 """A 300-step distill run of the embedded default on the sample photos learns the teacher's tokens and the rate.
 
 What holds on every CPU (spread measured by ``benchmarks/learning_spread.py --figures distill``
-over native AVX-512 and ``ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41`` kernels, seeds 0
+over native AVX2 and ``ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41`` kernels, seeds 0
 and 1; the teacher and the VAE are quick-trained with the same kernels, so they differ too):
 
 - token accuracy on the five training photos (256 px centre crops, 320 tokens): 0.400, 0.394,

@@ -11,7 +11,7 @@ from onedc.evaluation import evaluate
 
 STEPS = 120
 # Spread (benchmarks/learning_spread.py --figures end_to_end: 120 steps, 2 x 128 px crops, 0.28 ..
-# 0.32 bpp from the files; native AVX-512 and ATEN default + oneDNN SSE4.1 kernels, seeds 0 and 1):
+# 0.32 bpp from the files; native AVX2 and ATEN default + oneDNN SSE4.1 kernels, seeds 0 and 1):
 # grace_hopper 17.18, 14.65, 14.38, 16.41 dB, motorcycle_right 16.49, 14.81, 14.01, 16.59 dB
 # (mean 15.57, sd 1.22 over the eight). A 120-step codec is noisy: the floor sits 3.3 sd below
 # the mean and 2.5 dB below the worst run, and above what the random VAE allows at all (its own

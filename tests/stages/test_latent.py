@@ -101,7 +101,7 @@ def test_validation_latent_loss_keeps_its_start_and_beats_zero(latent_run):
     residual), keeps it through training, and ends far below the zero predictor on the held-out
     photos.
 
-    Spread (benchmarks/learning_spread.py --figures latent; native AVX-512 and ATEN default +
+    Spread (benchmarks/learning_spread.py --figures latent; native AVX2 and ATEN default +
     oneDNN SSE4.1 kernels, seeds 0 and 1, each kernel set with its own quick-trained VAE and
     teacher):
     - start / zero predictor 0.38 .. 0.49: the light head of the 60-step distill run;
