@@ -9,7 +9,7 @@ seeds, and prints each figure's mean, standard deviation and range, and its marg
 bar in standard deviations. The tests' docstrings quote these numbers; the bars keep a margin
 of at least three standard deviations.
 
-Usage: ``python benchmarks/learning_spread.py [--figures distill rate latent] [--seeds 0 1 2]
+Usage: ``python benchmarks/learning_spread.py [--figures distill rate latent end_to_end] [--seeds 0 1 2]
 [--kernels native avx2 default sse41] [--jobs 2]``. The distill figure takes ~1.5 min per run on one
 core, the others well under a minute.
 """
