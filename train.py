@@ -24,7 +24,7 @@ Any key can be overridden with dotted paths (stage.lmbda=4.0, data.root=/imgs, t
 def main(argv: list[str] | None = None) -> int:
     """Entry point: compose the config from ``argv`` overrides and run it. Returns an exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    from onedc.config import GROUPS, compose, group_options
+    from onedc.training.config import GROUPS, compose, group_options
     from onedc.errors import OneDCError
 
     if "-h" in argv or "--help" in argv:
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(OmegaConf.to_yaml(cfg))
             return 0
-        from onedc.pipeline import run
+        from onedc.training.pipeline import run
 
         for result in run(cfg):
             state = "skipped (already done)" if result.skipped else f"trained to step {result.global_step}"

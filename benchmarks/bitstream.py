@@ -13,7 +13,7 @@ entropy-coding share of decoding is the time spent inside ``gaussian_conditional
 (rANS y) and ``unpack_indices`` (fixed-length z), measured by wrapping those two calls inside
 the real decoder, divided by the whole ``decompress_bytes`` time. A second table compares, per
 photo, the real rate of the file (without its header) with the likelihood estimate
-(:func:`onedc.inference.rate_table`).
+(:func:`onedc.coding.rate.rate_table`).
 """
 from __future__ import annotations
 
@@ -47,11 +47,11 @@ class Stopwatch:
 
 def load_codec(ckpt: str | None, model: str):
     """The inference bundle from a checkpoint, or the ``model`` preset with random weights."""
-    from onedc.inference import OneDCCodec
+    from onedc.coding.bundle import OneDCCodec
 
     if ckpt is not None:
         return OneDCCodec.from_checkpoint(ckpt), str(ckpt)
-    from onedc.config import compose, to_dict
+    from onedc.training.config import compose, to_dict
 
     return OneDCCodec.from_config(to_dict(compose([f"model={model}"]).model)), f"model={model}, random weights"
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
-    import onedc.modules.codec as codec_module
+    import onedc.modules.light.codec as codec_module
     from onedc.datamodules.image_folder import load_image, sample_photo_paths
 
     bundle, what = load_codec(args.ckpt, args.model)
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"entropy coding (rANS y + z unpack) takes {1e3 * ent:.1f} ms of {1e3 * dec:.1f} ms decode "
           f"({100 * ent / dec:.2f} %); the rest is h_s, h_sem, g_s, the generator and the VAE decoder")
     if args.rate:
-        from onedc.inference import format_rate_table, rate_table
+        from onedc.coding.rate import format_rate_table, rate_table
 
         print("\nrate: payload = file - 68-byte header; est = -sum log2 p(y) + z bits; diff = payload vs est")
         print(format_rate_table(rate_table(bundle, [path for _, path in photos])))

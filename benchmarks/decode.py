@@ -125,19 +125,19 @@ def interleaved(fns: Mapping[str, Callable[[], dict[str, float]]], repeats: int,
 
 def load_bundle(ckpt: str | None, model: str, device: str):
     """(OneDCCodec with a generator, description) from a stage checkpoint or a random model preset."""
-    from onedc.inference import OneDCCodec
+    from onedc.coding.bundle import OneDCCodec
 
     if ckpt is not None:
         bundle = OneDCCodec.from_checkpoint(ckpt, device=device)  # the decoder's own loader
         if bundle.generator is None:
             raise SystemExit(f"{ckpt} has no generator weights: give a latent or finetune stage checkpoint")
         return bundle, str(ckpt)
-    from onedc.config import compose, to_dict
-    from onedc.modules import spec_builders
+    from onedc.families import family_of
+    from onedc.training.config import compose, to_dict
 
     model_cfg = to_dict(compose([f"model={model}"]).model)
     base = OneDCCodec.from_config(model_cfg)  # VAE + seeded random codec, tables built
-    generator = spec_builders.build_generator(model_cfg)
+    generator = family_of(model_cfg).build_generator(model_cfg)
     bundle = OneDCCodec.from_modules(base.vae, base.codec, generator, model_config=model_cfg, copy_trainable=False)
     return bundle.to(device), f"model={model}, random weights"
 
@@ -159,7 +159,7 @@ def watch_decoder(bundle, timer: StageTimer) -> tuple[str, ...]:
     if rows is None:
         raise SystemExit(f"no decode split known for codec class {type(bundle.codec).__name__} (see CODEC_ROWS)")
     for row, names in rows:
-        timer.watch_modules(row, [getattr(bundle.codec, name) for name in names])
+        timer.watch_modules(row, [bundle.codec.get_submodule(name) for name in names])
     timer.watch_modules("unet", [bundle.generator.unet])
     timer.watch_method("entropy_stage", bundle, "_entropy_decode")
     timer.watch_method("generator", bundle, "_latent_from")

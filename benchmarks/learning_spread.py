@@ -37,8 +37,8 @@ BASE = ["trainer.logger=none", "trainer.enable_progress_bar=false"]
 
 def distill(run_dir: str, seed: int) -> dict[str, float]:
     """tests/stages/test_distill_learns.py: 300 distill steps on the sample photos."""
-    from onedc.config import compose
-    from onedc.pipeline import run
+    from onedc.training.config import compose
+    from onedc.training.pipeline import run
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "stages"))
     from test_distill_learns import OVERRIDES, training_photo_token_accuracy  # the test's own config
@@ -56,10 +56,11 @@ def distill(run_dir: str, seed: int) -> dict[str, float]:
 
 def rate(run_dir: str, seed: int) -> dict[str, float]:
     """tests/bitstream/test_rate_after_training.py: payload vs estimate after 120 distill steps."""
-    from onedc.config import compose
+    from onedc.training.config import compose
     from onedc.datamodules import sample_photo_paths
-    from onedc.inference import OneDCCodec, rate_table
-    from onedc.pipeline import run
+    from onedc.coding.bundle import OneDCCodec
+    from onedc.coding.rate import rate_table
+    from onedc.training.pipeline import run
 
     result = run(compose([f"run_dir={run_dir}", f"seed={seed}", *BASE, "data.crop_size=128", "data.batch_size=4",
                           "trainer.max_steps=120", "stage.val_every_n_steps=120",
@@ -72,8 +73,8 @@ def latent(run_dir: str, seed: int) -> dict[str, float]:
     """tests/stages/test_latent.py: validation latent loss of the short latent run vs its start."""
     import pytest
 
-    from onedc import pipeline
-    from onedc.config import compose
+    from onedc.training import pipeline
+    from onedc.training.config import compose
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "stages"))
     from test_latent import DISTILL, LATENT, _run_with_probe  # the test's own configs

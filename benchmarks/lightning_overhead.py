@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import lightning.pytorch as pl
 
-    from onedc.build import build_datamodule, build_stage
-    from onedc.config import compose
+    from onedc.training.build import build_datamodule, build_stage
+    from onedc.training.config import compose
 
     cfg = compose(["stage=distill", *args.overrides])
     pl.seed_everything(int(cfg.seed), verbose=False)

@@ -42,8 +42,8 @@ def load_bundles(ckpts: list[str], work: Path) -> list[tuple[str, str]]:
     """(label, checkpoint path) of each rate point; trains the default ones when none is given."""
     if ckpts:
         return [(Path(c).parent.name or c, c) for c in ckpts]
-    from onedc.config import compose, to_dict
-    from onedc.pipeline import run
+    from onedc.training.config import compose, to_dict
+    from onedc.training.pipeline import run
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "bitstream"))
     from conftest import make_checkpoint  # the test suite's untrained checkpoint writer
@@ -82,7 +82,7 @@ def decisions(bundle, z_hat: torch.Tensor, perturbation: str) -> dict[str, torch
 
 def worker(ckpt: str, zfile: str, out: str, perturbation: str) -> None:
     """Subprocess mode: decisions of the saved ẑ list under this process's kernels."""
-    from onedc.inference import OneDCCodec
+    from onedc.coding.bundle import OneDCCodec
 
     bundle = OneDCCodec.from_checkpoint(ckpt)
     if perturbation == "all":
@@ -150,7 +150,7 @@ def time_paths(bundle, photos: list[Path], repeats: int) -> dict[str, float]:
 def measure(label: str, ckpt: str, photos: list[Path], work: Path, repeats: int) -> dict[str, int]:
     """Print the disagreement table and the timing ratios of one rate point; return its totals."""
     from onedc.datamodules.image_folder import load_image
-    from onedc.inference import OneDCCodec
+    from onedc.coding.bundle import OneDCCodec
     from onedc.modules.decisions import CodingDecisions, encode_fixes
 
     bundle = OneDCCodec.from_checkpoint(ckpt)

@@ -2,7 +2,7 @@
 semantic distillation (Xue et al., NeurIPS 2025, arXiv:2505.16687).
 
 Layers (dependencies flow one way): ``onedc.modules`` (pure torch) -> ``onedc.stages``
-(LightningModules) -> ``onedc.pipeline`` / ``train.py`` (configs).
+(LightningModules) -> ``onedc.training.pipeline`` / ``train.py`` (configs).
 """
 from onedc.errors import OneDCError
 

@@ -57,8 +57,8 @@ def _read_bytes(path: Path) -> bytes:
 
 # --------------------------------------------------------------------------- compress
 def _cmd_compress(args: argparse.Namespace) -> int:
-    from onedc.images import list_images, load_image
-    from onedc.inference import OneDCCodec
+    from onedc.coding.images import list_images, load_image
+    from onedc.coding.bundle import OneDCCodec
     from onedc.io import atomic_write_bytes
 
     sources: list[Path] = []
@@ -113,8 +113,8 @@ def _onedc_files(inputs: Sequence[str]) -> list[Path]:
 
 
 def _cmd_decompress(args: argparse.Namespace) -> int:
-    from onedc.images import save_image
-    from onedc.inference import OneDCCodec
+    from onedc.coding.images import save_image
+    from onedc.coding.bundle import OneDCCodec
 
     sources = _onedc_files(args.inputs)
     targets = _targets(sources, Path(args.output), ".png")
@@ -146,7 +146,7 @@ def _register_decompress(sub: argparse._SubParsersAction) -> None:
 
 # --------------------------------------------------------------------------- info
 def _cmd_info(args: argparse.Namespace) -> int:
-    from onedc.bitstream import decode_container
+    from onedc.coding.bitstream import decode_container
 
     for index, src in enumerate(map(Path, args.inputs)):
         try:
@@ -172,7 +172,7 @@ def _register_info(sub: argparse._SubParsersAction) -> None:
 
 # --------------------------------------------------------------------------- export
 def _cmd_export(args: argparse.Namespace) -> int:
-    from onedc.export import export_inference_weights
+    from onedc.coding.export import export_inference_weights
 
     out = export_inference_weights(args.ckpt, args.output)
     src_size, out_size = _path_size(Path(args.ckpt)), os.path.getsize(out)
@@ -199,7 +199,7 @@ def _register_export(sub: argparse._SubParsersAction) -> None:
 
 # --------------------------------------------------------------------------- eval
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from onedc.evaluation import evaluate
+    from onedc.eval import evaluate
 
     if args.data is None:  # `--ckpt A B DATA_DIR`: the greedy --ckpt list took DATA_DIR as its last item
         if len(args.ckpt) < 2:
@@ -262,8 +262,8 @@ def _import_reference_checkpoint(args: argparse.Namespace) -> int:
     if args.vae is None:
         raise OneDCError(f"import-reference {args.checkpoint} needs the VAE the checkpoint was trained with: "
                          "add --vae DIR (a diffusers SD-2.1 VAE dir, e.g. stable-diffusion-2-1/vae)")
-    from onedc.config import compose, to_dict
-    from onedc.reference_import import import_reference
+    from onedc.training.config import compose, to_dict
+    from onedc.families.reference.released import import_reference
 
     model = to_dict(compose([f"model={args.model}"]).model)
     out = import_reference(args.checkpoint, args.vae, args.output, model_config=model, merge_lora=args.merge_lora)

@@ -14,7 +14,7 @@ The likelihood bpp of validation is an estimate; this callback measures the file
 actually writes (header included), so the two can be compared in TensorBoard. It runs in
 ``on_validation_epoch_end``, before the EMA callback swaps the raw weights back, so it scores the
 weights validation scored (the EMA, where a stage has one). The live modules are not touched:
-:meth:`~onedc.inference.OneDCCodec.from_modules` copies the trainable ones. Under DeepSpeed
+:meth:`~onedc.coding.bundle.OneDCCodec.from_modules` copies the trainable ones. Under DeepSpeed
 ZeRO-3 the parameters are sharded across ranks and rank 0 alone cannot run the model: the
 callback then does nothing and says so once.
 """
@@ -35,8 +35,8 @@ from onedc.callbacks.tensorboard import first_validation_images, tensorboard_log
 from onedc.eval.anchors import JPEG_QUALITIES, WEBP_QUALITIES, pillow_decode, pillow_encode
 from onedc.eval.pixels import ms_ssim_uint8, psnr_uint8
 from onedc.eval.report import aggregate, rd_plot
-from onedc.images import to_uint8
-from onedc.inference import OneDCCodec
+from onedc.coding.images import to_uint8
+from onedc.coding.bundle import OneDCCodec
 
 log = logging.getLogger("onedc")
 

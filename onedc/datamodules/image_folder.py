@@ -31,11 +31,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from onedc.errors import ConfigError, ImageReadError, OneDCError
-from onedc.images import IMAGE_SUFFIXES, list_images, load_image, probe_short_side
+from onedc.coding.images import IMAGE_SUFFIXES, list_images, load_image, probe_short_side
 from onedc.datamodules.sampler import ResumableDataLoader, ResumableSampler
 from onedc.samples import sample_photo_paths
 
-# Decoding lives in onedc.images and the sample photos in onedc.samples; these names stay
+# Decoding lives in onedc.coding.images and the sample photos in onedc.samples; these names stay
 # importable from here for older callers.
 __all__ = ["FULL_DECODE_LIMIT", "IMAGE_SUFFIXES", "SMALL_IMAGE_POLICIES", "ImageCropDataset", "ImageFolderDataModule",
            "ResumableDataLoader", "ResumableSampler", "list_images", "load_image", "sample_photo_paths"]

@@ -10,7 +10,7 @@ import io
 from PIL import Image
 from torch import Tensor
 
-from onedc.images import decode_uint8
+from onedc.coding.images import decode_uint8
 
 # Fixed quality ladders of the baseline curves (Pillow's quality scales).
 JPEG_QUALITIES: tuple[int, ...] = (5, 10, 20, 30, 50, 75, 90)
@@ -38,7 +38,7 @@ def pillow_encode(image: Tensor, codec: str, quality: int) -> bytes:
 
 
 def pillow_decode(data: bytes) -> Tensor:
-    """Decode JPEG/WebP bytes into a uint8 (3, H, W) tensor (:func:`onedc.images.decode_uint8`)."""
+    """Decode JPEG/WebP bytes into a uint8 (3, H, W) tensor (:func:`onedc.coding.images.decode_uint8`)."""
     return decode_uint8(data)
 
 

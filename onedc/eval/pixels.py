@@ -2,7 +2,7 @@
 
 PSNR convention (the one home of it; ``val/psnr`` in training, ``rd/psnr`` of the RD callback
 and the ``psnr`` column of ``onedc eval`` all come from :func:`psnr`): both images are rounded
-to 8 bits as a PNG would store them (:func:`onedc.images.to_uint8` for [-1, 1] floats; uint8
+to 8 bits as a PNG would store them (:func:`onedc.coding.images.to_uint8` for [-1, 1] floats; uint8
 passes through), the MSE is taken over every value of one image (all three channels), the
 peak is 255, and identical images give ``inf``. A set of images reports the mean of the
 per-image PSNRs, as CompressAI and the Kodak tables do (not the PSNR of the pooled MSE).
@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from onedc.images import to_uint8
+from onedc.coding.images import to_uint8
 
 __all__ = ["MS_SSIM_BETAS", "MS_SSIM_KERNEL", "ms_ssim_settings", "ms_ssim_uint8", "psnr", "psnr_uint8", "to_uint8"]
 

@@ -17,8 +17,8 @@ from onedc.eval.anchors import JPEG_QUALITIES, WEBP_QUALITIES, match_quality, pi
 from onedc.eval.perceptual import FID_PATCH, PerceptualMetrics, fid_kid
 from onedc.eval.pixels import ms_ssim_uint8, psnr_uint8
 from onedc.eval.report import ROW_FIELDS, aggregate, jsonable, rd_plot, write_csv, write_text
-from onedc.images import list_images, load_image, to_uint8
-from onedc.inference import OneDCCodec
+from onedc.coding.images import list_images, load_image, to_uint8
+from onedc.coding.bundle import OneDCCodec
 from onedc.io import atomic_write_bytes
 from onedc.progress import progress as progress_bar
 

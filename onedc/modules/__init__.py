@@ -1,6 +1,6 @@
-"""Plain ``nn.Module``s of OneDC: no Lightning, no config objects (docs/architecture.md, layer 2)."""
-from onedc.modules.codec import DecodedLatents, HyperpriorCodec, HyperpriorOutput, pad_to_multiple
-from onedc.modules.fsq import FSQ
-from onedc.modules.vae import FrozenVAE, build_vae
+"""Plain ``nn.Module``s of OneDC: no Lightning, no config objects (docs/architecture.md).
 
-__all__ = ["DecodedLatents", "FSQ", "FrozenVAE", "HyperpriorCodec", "HyperpriorOutput", "build_vae", "pad_to_multiple"]
+The modules directly in this package (and ``teachers/``) are the shared blocks both model
+families use; ``light/`` holds the light hyperprior codec and ``reference/`` the published
+OneDC. Neither family package imports the other.
+"""

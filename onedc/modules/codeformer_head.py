@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from onedc.errors import ConfigError
-from onedc.modules.reference.blocks import DepthConvBlock
+from onedc.modules.blocks import DepthConvBlock
 
 __all__ = ["CodeformerHead", "DualSwinBlock", "SwinBlock"]
 

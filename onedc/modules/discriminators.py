@@ -14,8 +14,6 @@ update (the critic called functionally with detached parameters) relies on.
 """
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,13 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from onedc.errors import WeightsError
-from onedc.modules.weights import diffusers_model_dir
+from onedc.modules.blocks import group_norm
+from onedc.modules.unet import UNET_CLASSES, load_unet
 
-UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
-
-
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(32, channels), channels)
 
 
 class DiffusionDiscriminator(nn.Module):
@@ -87,7 +81,7 @@ class DiffusionDiscriminator(nn.Module):
         self.mid_block = unet.mid_block
         width = int(config.block_out_channels[-1])
         self.head = nn.Sequential(
-            _group_norm(width), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, 1, 1),
+            group_norm(width, eps=1e-5), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, 1, 1),
         )
         cross_dim = getattr(config, "cross_attention_dim", None)
         self.null_context = (nn.Parameter(torch.zeros(1, int(null_context_tokens), int(cross_dim)))
@@ -153,7 +147,7 @@ class PatchDiscriminator(nn.Module):
         for n in range(1, layers + 1):
             out = channels * min(2 ** n, 8)
             stride = 2 if n < layers else 1
-            blocks += [nn.Conv2d(width, out, 4, stride, 1, bias=False), _group_norm(out), nn.LeakyReLU(0.2, True)]
+            blocks += [nn.Conv2d(width, out, 4, stride, 1, bias=False), group_norm(out, eps=1e-5), nn.LeakyReLU(0.2, True)]
             width = out
         blocks.append(nn.Conv2d(width, 1, 4, 1, 1))
         self.net = nn.Sequential(*blocks)
@@ -166,20 +160,6 @@ class PatchDiscriminator(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Image (B,3,H,W) in [-1,1] -> patch logits (B,1,h,w)."""
         return self.net(x).float()
-
-
-def _load_unet(pretrained: str | Path) -> nn.Module:
-    import diffusers
-
-    path = diffusers_model_dir(str(pretrained), "unet", "the critic's diffusers UNet directory",
-                               "discriminator.pretrained")
-    name = json.loads((path / "config.json").read_text()).get("_class_name", "UNet2DConditionModel")
-    if name not in UNET_CLASSES:
-        raise WeightsError(f"{path} holds a {name}; the diffusion critic needs one of {UNET_CLASSES}")
-    try:
-        return getattr(diffusers, name).from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise WeightsError(f"cannot load the critic UNet from {path}: {err}") from err
 
 
 def build_diffusion_discriminator(*, latent_channels: int, unet_class: str = "UNet2DModel",
@@ -196,7 +176,7 @@ def build_diffusion_discriminator(*, latent_channels: int, unet_class: str = "UN
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if pretrained is not None:
-            unet = _load_unet(pretrained)
+            unet = load_unet(pretrained, classes=UNET_CLASSES, what="the critic's UNet", setting="discriminator.pretrained")
         else:
             if unet_class not in UNET_CLASSES:
                 raise ValueError(f"unet_class must be one of {UNET_CLASSES}, got '{unet_class}'")

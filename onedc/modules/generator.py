@@ -40,8 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from onedc.errors import WeightsError
-from onedc.modules.state_dict_files import STATE_DICT_SUFFIXES, load_state_dict_file
-from onedc.modules.weights import diffusers_model_dir
+from onedc.modules.unet import load_unet
 
 log = logging.getLogger("onedc")
 
@@ -228,33 +227,6 @@ class OneStepGenerator(nn.Module):
         return scheduler, timesteps
 
 
-_UNET_FILE = ("a UNet2DConditionModel state-dict file (.bin/.pt/.safetensors, e.g. DMD2's SD-1.5 "
-              "pytorch_model.bin) of the preset's model.generator.unet, or a diffusers UNet directory")
-
-
-def _load_unet(pretrained: str | Path, unet_config: Mapping[str, Any] | None = None) -> nn.Module:
-    from diffusers import UNet2DConditionModel
-
-    file = Path(pretrained).expanduser()
-    if file.is_file() or file.suffix in STATE_DICT_SUFFIXES:
-        # A plain state dict carries no architecture: the preset's `unet:` kwargs give it. Built
-        # on the meta device, the file's tensors are assigned (no 860M-parameter random init).
-        if not unet_config:
-            raise WeightsError(f"{file} is a UNet state-dict file, which needs the preset's "
-                               "model.generator.unet config to build the UNet: set it, or give a diffusers dir")
-        with torch.device("meta"):
-            unet = UNet2DConditionModel(**dict(unet_config))
-        load_state_dict_file(unet, file, what="the UNet of model.generator.unet", expected=_UNET_FILE)
-        log.info("generator UNet loaded from the state-dict file %s", file)
-        return unet
-    path = diffusers_model_dir(pretrained, "unet", "a diffusers UNet2DConditionModel directory",
-                               "model.generator.pretrained")
-    try:
-        return UNet2DConditionModel.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise WeightsError(f"cannot load the UNet from {path}: {err}") from err
-
-
 def build_generator(
     *,
     gs_channels: int,
@@ -286,7 +258,7 @@ def build_generator(
 
     meta = str(device) == "meta"
     if pretrained is not None:
-        unet = _load_unet(pretrained, unet_config)
+        unet = load_unet(pretrained, unet_config, what="the generator UNet (model.generator.unet)")
     elif unet_config is None:
         raise WeightsError("build_generator needs `pretrained` (a local UNet dir) or a `unet_config`")
     elif meta:

@@ -5,83 +5,37 @@ A stage is a ``LightningModule`` that receives *built* modules (dependency injec
 of onedc (inference, export, the next stage's ``init_from``):
 
 ``vae``        the frozen VAE (saved so that a checkpoint is self-contained)
-``codec``      the codec: ``HyperpriorCodec``, or the published ``CodingReferenceCodec``
+``codec``      the codec of the model's family (:mod:`onedc.families`)
 ``generator``  the ``OneStepGenerator`` (stages 2-3; ``ReferenceGenerator`` is one)
 ``distill``    the training-only semantic predictor head (stage 1)
 ``discriminator`` the GAN critic (stage 3)
 
-The stages drive either codec family through :class:`StageCodec` alone (``codec(x, v)`` giving
-``features``/``tokens``/``y_hat``/``z_hat``, through :func:`codec_pass`; ``codec.rate_bits(out)``
-from the codec's own rate estimate: :func:`estimated_bpp`), so no stage asks which family it trains.
+Every stage receives the model's family (:class:`~onedc.families.ModelFamily`) and drives the
+codec through it alone: ``family.codec_pass(codec, x, v)`` gives ``features``/``tokens``/``y_hat``/
+``z_hat`` (:class:`~onedc.families.CodecPass`), ``family.rate_bits`` the codec's own rate estimate
+(:func:`estimated_bpp`), ``family.idle_parts`` what gets no gradient, and the family says whether
+the codec's rANS tables are model state. No stage asks which family it trains.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from onedc.checkpoints import CHECKPOINT_FORMAT
-from onedc.modules.coding_tables import fit_cdf_buffers
+from onedc.coding.checkpoints import CHECKPOINT_FORMAT
+from onedc.families import CodecPass, ModelFamily
 
-__all__ = ["CHECKPOINT_FORMAT", "CodecPass", "ModelIdentity", "OptimizerSpec", "StageCodec", "StageModule",
-           "codec_pass", "estimated_bpp", "freeze", "holds_coding_tables", "quadratic_ramp"]
-
-
-class CodecPass(Protocol):
-    """What one codec pass gives the stages (``HyperpriorOutput`` and ``ReferenceCodecOutput`` both do)."""
-
-    y_hat: Tensor     #: quantised y (straight-through in training)
-    z_hat: Tensor     #: FSQ codes of z
-    semantic: Tensor  #: decoder-side semantic map at 1/64 (the distillation head's input)
-    features: Tensor  #: g_s output at 1/8: the generator's input
-
-    @property
-    def tokens(self) -> Tensor:
-        """(B, L, d) cross-attention tokens of the generator."""
+__all__ = ["CHECKPOINT_FORMAT", "ModelIdentity", "OptimizerSpec", "StageModule", "estimated_bpp", "freeze",
+           "quadratic_ramp"]
 
 
-class StageCodec(Protocol):
-    """The codec contract of the training stages, implemented by both codec families.
-
-    ``forward(x, v)``: padded image in [-1, 1] and VAE latent -> :class:`CodecPass`; in training
-    mode with straight-through rounding and the codec's training rate proxy, in eval mode exactly
-    what the files decode to. ``rate_bits(out)``: (B,) estimated bits per image from the codec's
-    own rate model (differentiable in training; ``onedc.rate`` uses the same seam):
-    ``HyperpriorCodec``'s -log2 likelihoods + flush + z bits, the reference's §4.6 bits + 14 per
-    z index. ``update(force)``: make the rANS tables current before a checkpoint is written.
-    """
-
-    def __call__(self, x: Tensor, v: Tensor) -> CodecPass: ...
-
-    def rate_bits(self, out: Any) -> Tensor: ...
-
-    def update(self, scale_table_values: Any = None, force: bool = False) -> bool: ...
-
-
-def codec_pass(codec: StageCodec, x: Tensor, v: Tensor) -> CodecPass:
-    """One codec pass of a stage: ``codec.uncoded_forward(x, v)`` where the codec has it, else ``codec(x, v)``.
-
-    A codec whose exact eval pass runs its entropy coder (the reference's: rANS plus float64
-    decisions, 5.2× the time at 512²) offers the same pass without the coder; the stages need
-    its features and rate estimate, not the file's last-bit ŷ (the RD evaluation codes real files).
-    """
-    uncoded = getattr(codec, "uncoded_forward", None)
-    return codec(x, v) if uncoded is None else uncoded(x, v)
-
-
-def estimated_bpp(codec: StageCodec, out: CodecPass, num_pixels: int) -> Tensor:
-    """(B,) estimated bits per pixel of a codec pass: ``codec.rate_bits(out) / num_pixels`` (padded pixels)."""
-    return codec.rate_bits(out) / num_pixels
-
-
-def holds_coding_tables(codec: nn.Module) -> bool:
-    """Whether ``codec``'s rANS tables are model state (a ``gaussian_conditional`` submodule whose CDF
-    buffers are resized by ``update()`` and saved); the reference codec's tables are fixed and never saved."""
-    return isinstance(dict(codec.named_children()).get("gaussian_conditional"), nn.Module)
+def estimated_bpp(family: ModelFamily, codec: nn.Module, out: CodecPass, num_pixels: int) -> Tensor:
+    """(B,) estimated bits per pixel of a codec pass: ``family.rate_bits(codec, out) / num_pixels`` (padded pixels)."""
+    return family.rate_bits(codec, out) / num_pixels
 
 
 @dataclass(frozen=True)
@@ -143,9 +97,10 @@ class StageModule(pl.LightningModule):
         """
         return []
 
-    def __init__(self, identity: ModelIdentity) -> None:
+    def __init__(self, identity: ModelIdentity, family: ModelFamily) -> None:
         super().__init__()
         self.identity = identity
+        self.family = family
         self.val_history: list[dict[str, float]] = []
         self._val_sums: dict[str, float] = {}
         self._val_count = 0
@@ -183,8 +138,8 @@ class StageModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The rANS tables must be current in every checkpoint so that it can compress at once.
-        codec = getattr(self, "codec", None)
-        if codec is not None and holds_coding_tables(codec):
+        codec = self._codec_with_tables()
+        if codec is not None:
             codec.update(force=True)
             prefix = "codec."
             for key, value in codec.state_dict().items():
@@ -201,6 +156,11 @@ class StageModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.val_history = list(checkpoint.get("val_history", []))
         # CDF buffers change size with update(): resize ours before Lightning's strict load.
-        codec = getattr(self, "codec", None)
-        if codec is not None and holds_coding_tables(codec):
-            fit_cdf_buffers(codec.gaussian_conditional, "codec.gaussian_conditional", checkpoint["state_dict"])
+        codec = self._codec_with_tables()
+        if codec is not None:
+            self.family.fit_init_state(codec, "codec.", checkpoint["state_dict"])
+
+    def _codec_with_tables(self) -> nn.Module | None:
+        """The codec when its rANS tables are model state (its family saves them), else None."""
+        codec = self._modules.get("codec")
+        return codec if codec is not None and self.family.saves_coding_tables else None

@@ -8,10 +8,10 @@
                            └─ g_s ─> v̂ ~ v                                           (latent MSE)
     loss = λ(t)·R + w_d·L_distill + w_v·MSE(v̂, v),   λ(t) quadratic warm-up
 
-v̂ comes from the codec's light latent head (``HyperpriorCodec.to_latent``), or, when the stage
-is given a ``generator``, from the one-step generator trained jointly with the codec: the
+v̂ comes from the codec's light latent head (``latent_hat`` of the codec pass), or, when the
+stage is given a ``generator``, from the one-step generator trained jointly with the codec: the
 published OneDC has no light head and trains codec and generator together (REFERENCE.md
-§10.1, its stages 1 and 2 fused), so ``family: reference`` distils that way and its checkpoint
+§10.1, its stages 1 and 2 fused): its family ``distills_with_generator``, and its checkpoint
 decodes through the generator.
 
 The teacher is frozen and deliberately *not* a submodule: it is never in ``state_dict``, the
@@ -23,14 +23,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from onedc.modules.distill import SemanticDistillLoss
 from onedc.modules.generator import OneStepGenerator
 from onedc.modules.teachers import Teacher
 from onedc.modules.vae import FrozenVAE
-from onedc.stages.common import (ModelIdentity, OptimizerSpec, StageCodec, StageModule, codec_pass, estimated_bpp,
-                                 quadratic_ramp)
+from onedc.families import ModelFamily
+from onedc.stages.common import ModelIdentity, OptimizerSpec, StageModule, estimated_bpp, quadratic_ramp
 
 
 class DistillStage(StageModule):
@@ -46,8 +46,9 @@ class DistillStage(StageModule):
     def __init__(
         self,
         *,
+        family: ModelFamily,
         vae: FrozenVAE,
-        codec: StageCodec,
+        codec: nn.Module,
         teacher: Teacher,
         distill: SemanticDistillLoss,
         optimizer: OptimizerSpec,
@@ -58,14 +59,13 @@ class DistillStage(StageModule):
         latent_weight: float = 1.0,
         generator: OneStepGenerator | None = None,
     ) -> None:
-        super().__init__(identity)
+        super().__init__(identity, family)
         self.vae = vae
         self.codec = codec
-        token_norm = getattr(self.codec, "token_norm", None)
-        if token_norm is not None and generator is None:
-            # The cross-attention tokens feed only the generator (stage 2+): their norm gets no
-            # gradient here, and DDP refuses parameters without one.
-            token_norm.requires_grad_(False)
+        for part in family.idle_parts(codec, "distill", trains_generator=generator is not None):
+            # e.g. the light codec's token norm: the tokens feed only the generator (stage 2+), so
+            # it gets no gradient here, and DDP refuses parameters without one.
+            part.requires_grad_(False)
         if generator is not None:
             self.generator = generator
         self.distill = distill
@@ -93,8 +93,8 @@ class DistillStage(StageModule):
         teacher = self._teacher_on_device()
         v = self.vae.encode(x)
         targets = teacher.targets(x)
-        out = codec_pass(self.codec, x, v)
-        bpp = estimated_bpp(self.codec, out, x.shape[-2] * x.shape[-1]).mean()
+        out = self.family.codec_pass(self.codec, x, v)
+        bpp = estimated_bpp(self.family, self.codec, out, x.shape[-2] * x.shape[-1]).mean()
         distill = self.distill(out.semantic, targets, teacher.codebook())
         generator = getattr(self, "generator", None)
         latent = out.latent_hat if generator is None else generator(out.features, out.tokens)

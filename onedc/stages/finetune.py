@@ -47,7 +47,8 @@ from onedc.eval.pixels import psnr
 from onedc.modules.generator import OneStepGenerator
 from onedc.modules.losses import GANLoss, PerceptualLoss, adaptive_gan_weight, discriminator_accuracy
 from onedc.modules.vae import FrozenVAE
-from onedc.stages.common import CodecPass, ModelIdentity, OptimizerSpec, StageCodec, estimated_bpp
+from onedc.families import CodecPass, ModelFamily
+from onedc.stages.common import ModelIdentity, OptimizerSpec, estimated_bpp
 from onedc.stages.latent import LatentStage
 
 PIXEL_LOSSES = ("l1", "mse")
@@ -105,8 +106,9 @@ class FinetuneStage(LatentStage):
     def __init__(
         self,
         *,
+        family: ModelFamily,
         vae: FrozenVAE,
-        codec: StageCodec,
+        codec: nn.Module,
         generator: OneStepGenerator,
         discriminator: nn.Module | None,
         perceptual: PerceptualLoss | None,
@@ -127,7 +129,7 @@ class FinetuneStage(LatentStage):
         ema_decay: float | None = 0.999,
         image_every_n_steps: int | None = 100,
     ) -> None:
-        super().__init__(vae=vae, codec=codec, generator=generator, optimizer=optimizer, identity=identity,
+        super().__init__(family=family, vae=vae, codec=codec, generator=generator, optimizer=optimizer, identity=identity,
                          train_codec=train_codec, lmbda=lmbda, latent_loss=latent_loss, ema_decay=ema_decay,
                          image_every_n_steps=image_every_n_steps)
         if pixel_loss not in PIXEL_LOSSES:
@@ -167,7 +169,7 @@ class FinetuneStage(LatentStage):
         """The generator's non-adversarial terms and their weighted sum ``loss``."""
         pixel = F.l1_loss(out.x_hat, x) if self.pixel_loss == "l1" else F.mse_loss(out.x_hat, x)
         latent_loss = self._distance(out.latent, out.target)
-        bpp = estimated_bpp(self.codec, out.codec, x.shape[-2] * x.shape[-1]).mean()
+        bpp = estimated_bpp(self.family, self.codec, out.codec, x.shape[-2] * x.shape[-1]).mean()
         loss = self.pixel_weight * pixel + self.latent_weight * latent_loss
         metrics = {"pixel": pixel, "latent_loss": latent_loss, "bpp": bpp}
         if self.__dict__["perceptual"] is not None:

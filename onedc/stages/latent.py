@@ -19,14 +19,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from torch import Tensor
+from torch import Tensor, nn
 
 from onedc.callbacks import EMACallback, ImageGridCallback
 from onedc.eval.pixels import psnr  # val/psnr: the 8-bit convention of onedc eval and rd/psnr
 from onedc.modules.generator import OneStepGenerator
 from onedc.modules.vae import FrozenVAE
-from onedc.stages.common import (CodecPass, ModelIdentity, OptimizerSpec, StageCodec, StageModule,
-                                 codec_pass, estimated_bpp, freeze)
+from onedc.families import CodecPass, ModelFamily
+from onedc.stages.common import ModelIdentity, OptimizerSpec, StageModule, estimated_bpp, freeze
 
 LATENT_LOSSES = ("mse", "l1")
 
@@ -36,7 +36,7 @@ class LatentStage(StageModule):
 
     Args:
         vae, codec, generator: the built modules (``codec`` already holds stage-1 weights when
-            the pipeline initialised it): either codec family (:class:`~onedc.stages.common.StageCodec`)
+            the pipeline initialised it): either codec family (driven through ``family``)
             and a :class:`OneStepGenerator`, whose trainable parameters (under LoRA: the adapter,
             the new conv_in and x_t head) are the ones the optimiser and the EMA see.
         optimizer: AdamW + warm-up spec for the trainable parameters.
@@ -53,8 +53,9 @@ class LatentStage(StageModule):
     def __init__(
         self,
         *,
+        family: ModelFamily,
         vae: FrozenVAE,
-        codec: StageCodec,
+        codec: nn.Module,
         generator: OneStepGenerator,
         optimizer: OptimizerSpec,
         identity: ModelIdentity,
@@ -64,7 +65,7 @@ class LatentStage(StageModule):
         ema_decay: float | None = 0.999,
         image_every_n_steps: int | None = 100,
     ) -> None:
-        super().__init__(identity)
+        super().__init__(identity, family)
         if latent_loss not in LATENT_LOSSES:
             raise ValueError(f"latent_loss must be one of {LATENT_LOSSES}, got '{latent_loss}'")
         self.vae = vae
@@ -77,10 +78,9 @@ class LatentStage(StageModule):
         self.ema_decay = ema_decay
         self.image_every_n_steps = image_every_n_steps
         if self.train_codec:
-            # The light codec's stage-1 latent head is unused here; frozen so DDP sees no unused parameters.
-            latent_head = getattr(self.codec, "to_latent", None)
-            if latent_head is not None:
-                latent_head.requires_grad_(False)
+            # Parts the family leaves idle here (the light codec's stage-1 latent head): frozen, so DDP sees no unused parameter.
+            for part in family.idle_parts(codec, "latent", trains_generator=True):
+                part.requires_grad_(False)
         else:
             freeze(self.codec)
 
@@ -96,7 +96,7 @@ class LatentStage(StageModule):
         """Image in [-1,1] -> (generated latent v̂, VAE latent v, codec output)."""
         v = self.vae.encode(x)
         with torch.set_grad_enabled(self.train_codec and torch.is_grad_enabled()):
-            out = codec_pass(self.codec, x, v)
+            out = self.family.codec_pass(self.codec, x, v)
         return self.generator(out.features, out.tokens), v, out
 
     def reconstruct(self, x: Tensor) -> Tensor:
@@ -112,7 +112,7 @@ class LatentStage(StageModule):
     def losses(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """Image batch -> ({loss, latent_loss, bpp}, generated latent) with the current weights."""
         latent, v, out = self.generate(x)
-        bpp = estimated_bpp(self.codec, out, x.shape[-2] * x.shape[-1]).mean()
+        bpp = estimated_bpp(self.family, self.codec, out, x.shape[-2] * x.shape[-1]).mean()
         latent_loss = self._distance(latent, v)
         loss = latent_loss + self.lmbda * bpp if self.train_codec else latent_loss
         return {"loss": loss, "latent_loss": latent_loss, "bpp": bpp}, latent

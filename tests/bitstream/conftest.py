@@ -9,11 +9,11 @@ import torch
 
 def make_checkpoint(model_config: dict, path: Path, seed: int = 0) -> Path:
     """Save a stage-style checkpoint of a randomly initialised tiny vae + codec (tables built)."""
-    from onedc.build import build_codec, build_vae
+    from onedc.training.build import codec_from_config, vae_from_config
 
-    vae = build_vae(model_config)
+    vae = vae_from_config(model_config)
     torch.manual_seed(seed)
-    codec = build_codec(model_config, vae.latent_channels)
+    codec = codec_from_config(model_config, vae.latent_channels)
     codec.update(force=True)
     state_dict = {f"vae.{k}": v for k, v in vae.state_dict().items()}
     state_dict.update({f"codec.{k}": v for k, v in codec.state_dict().items()})
@@ -29,7 +29,7 @@ def model_config() -> dict:
     """The resolved ``model=tiny_random`` config as the plain dict a checkpoint stores."""
     from omegaconf import OmegaConf
 
-    from onedc.config import compose
+    from onedc.training.config import compose
 
     return OmegaConf.to_container(compose(["model=tiny_random"]).model, resolve=True)
 
@@ -53,7 +53,7 @@ def other_ckpt(tmp_path_factory, tiny_ckpt) -> Path:
 @pytest.fixture(scope="session")
 def onedc_codec(tiny_ckpt):
     """The inference bundle loaded from ``tiny_ckpt``."""
-    from onedc.inference import OneDCCodec
+    from onedc.coding.bundle import OneDCCodec
 
     return OneDCCodec.from_checkpoint(tiny_ckpt)
 

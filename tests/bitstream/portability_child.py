@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from onedc.errors import OneDCError
-from onedc.inference import OneDCCodec
+from onedc.coding.bundle import OneDCCodec
 
 
 def decode_all(codec: OneDCCodec, folder: Path, perturbed: bool) -> list:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from onedc.bitstream import FORMAT_VERSION, HEADER_SIZE, decode_container, encode_container
+from onedc.coding.bitstream import FORMAT_VERSION, HEADER_SIZE, decode_container, encode_container
 from onedc.cli import SUBCOMMANDS, main
 
 
@@ -108,7 +108,7 @@ def test_damaged_files_fail_with_one_line(kind, exit_code, words, written, small
 
 
 def test_file_from_another_model_names_both_ids(written, tmp_path, other_ckpt, onedc_codec, capsys):
-    from onedc.inference import OneDCCodec
+    from onedc.coding.bundle import OneDCCodec
 
     assert main(["decompress", str(written), "-o", str(tmp_path / "d"), "--ckpt", str(other_ckpt)]) == 2
     line = error_line(capsys)

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from onedc.bitstream import (
+from onedc.coding.bitstream import (
     FORMAT_VERSION,
     HEADER_SIZE,
     MAGIC,

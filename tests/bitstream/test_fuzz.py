@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onedc.bitstream import HEADER_SIZE
+from onedc.coding.bitstream import HEADER_SIZE
 from onedc.errors import BitstreamError
 
 # The autouse network/seed fixtures are function-scoped but stateless across examples.

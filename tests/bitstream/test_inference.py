@@ -8,10 +8,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from onedc.bitstream import HEADER_SIZE, decode_container
+from onedc.coding.bitstream import HEADER_SIZE, decode_container
 from onedc.errors import CheckpointError, ModelMismatchError
-from onedc.inference import OneDCCodec, model_identity, rate_table
-from onedc.modules.codec import pad_to_multiple
+from onedc.coding.bundle import OneDCCodec
+from onedc.coding.identity import model_identity
+from onedc.coding.rate import rate_table
+from onedc.modules.streams import pad_to_multiple
 
 
 def forward_on_padded(codec: OneDCCodec, x: torch.Tensor):
@@ -75,13 +77,14 @@ def test_model_id_covers_decoder_side_weights_only(onedc_codec, tiny_ckpt, other
     assert len(onedc_codec.model_id) == 16
     settings = {"fsq_levels": [4] * 7, "vae_scaling_factor": onedc_codec.vae.scaling_factor, "stride": 64,
                 "generator": None}
-    assert model_identity(state, settings) == onedc_codec.model_id
+    prefixes = onedc_codec.family.decoder_prefixes()
+    assert model_identity(state, settings, prefixes) == onedc_codec.model_id
     encoder_only = dict(state, **{"codec.g_a_y.1.weight": state["codec.g_a_y.1.weight"] + 1,
                                   "vae.autoencoder.encoder.conv_in.bias": state["vae.autoencoder.encoder.conv_in.bias"] + 1})
-    assert model_identity(encoder_only, settings) == onedc_codec.model_id
+    assert model_identity(encoder_only, settings, prefixes) == onedc_codec.model_id
     decoder_side = dict(state, **{"vae.autoencoder.decoder.conv_out.bias": state["vae.autoencoder.decoder.conv_out.bias"] + 1})
-    assert model_identity(decoder_side, settings) != onedc_codec.model_id
-    assert model_identity(state, dict(settings, fsq_levels=[8] * 5)) != onedc_codec.model_id
+    assert model_identity(decoder_side, settings, prefixes) != onedc_codec.model_id
+    assert model_identity(state, dict(settings, fsq_levels=[8] * 5), prefixes) != onedc_codec.model_id
     assert OneDCCodec.from_checkpoint(other_ckpt).model_id != onedc_codec.model_id
 
 
@@ -118,16 +121,16 @@ def test_bad_checkpoints_raise_checkpoint_error(tiny_ckpt, tmp_path, edit, words
 
 
 def test_checkpoint_with_a_generator_decodes_through_it(tiny_ckpt, tmp_path, model_config, onedc_codec, photo):
-    from onedc import build
+    from onedc.training import build
 
     checkpoint = torch.load(tiny_ckpt, weights_only=False)
-    if not hasattr(build, "build_generator"):
+    if not hasattr(build, "generator_from_config"):
         checkpoint["state_dict"]["generator.unet.conv_in.weight"] = torch.zeros(1)
         torch.save(checkpoint, tmp_path / "gen.ckpt")
         with pytest.raises(CheckpointError, match="generator"):
             OneDCCodec.from_checkpoint(tmp_path / "gen.ckpt")
         return
-    generator = build.build_generator(model_config)
+    generator = build.generator_from_config(model_config)
     checkpoint["state_dict"].update({f"generator.{k}": v for k, v in generator.state_dict().items()})
     torch.save(checkpoint, tmp_path / "gen.ckpt")
     bundle = OneDCCodec.from_checkpoint(tmp_path / "gen.ckpt")

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from onedc.bitstream import Container, decode_container, encode_container
+from onedc.coding.bitstream import Container, decode_container, encode_container
 from onedc.cli import main
 from onedc.datamodules import load_image, sample_photo_paths
 from onedc.errors import CodingMismatchError
-from onedc.modules import codec as codec_module
+from onedc.modules.light import codec as codec_module
 from onedc.modules.decisions import MEAN_STEP
 
 CHILD = Path(__file__).with_name("portability_child.py")

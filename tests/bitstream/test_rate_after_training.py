@@ -7,10 +7,11 @@ SSE4.1 kernels, seeds 0 and 1, the default preset with its quick-trained VAE): t
 """
 import pytest
 
-from onedc.config import compose
+from onedc.training.config import compose
 from onedc.datamodules import sample_photo_paths
-from onedc.inference import OneDCCodec, format_rate_table, rate_table
-from onedc.pipeline import run
+from onedc.coding.bundle import OneDCCodec
+from onedc.coding.rate import format_rate_table, rate_table
+from onedc.training.pipeline import run
 
 
 @pytest.mark.slow

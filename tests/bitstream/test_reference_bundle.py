@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from onedc.bitstream import decode_container
+from onedc.coding.bitstream import decode_container
 from onedc.cli import main
 from onedc.datamodules import load_image, sample_photo_paths
-from onedc.inference import OneDCCodec
+from onedc.coding.bundle import OneDCCodec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "modules"))
 from reference_testdata import SMALL_UNET  # noqa: E402  (the reference tests' small UNet)
@@ -28,7 +28,7 @@ CODEC = {"internal_ch": 64, "bottleneck_ch": 32, "unet_ch_config": [32, 32, 32],
 
 def small_model_config() -> dict:
     """The onedc_sd15 preset at test width (same classes and key layout, fewer channels)."""
-    from onedc.config import compose, to_dict
+    from onedc.training.config import compose, to_dict
 
     model = to_dict(compose(["model=onedc_sd15"]).model)
     model["vae"].update(config=dict(SMALL_VAE), attention_window=16)
@@ -44,7 +44,7 @@ def imported(tmp_path_factory) -> Path:
 
     from onedc.modules.reference.codec import ReferenceCodec
     from onedc.modules.reference.generator import build_reference_generator
-    from onedc.reference_import import ReferenceArchitecture, import_reference, save_released_checkpoint
+    from onedc.families.reference.released import ReferenceArchitecture, import_reference, save_released_checkpoint
 
     root = tmp_path_factory.mktemp("release")
     model = small_model_config()

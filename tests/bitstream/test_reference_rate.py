@@ -13,10 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from onedc.bitstream import HEADER_SIZE
+from onedc.coding.bitstream import HEADER_SIZE
 from onedc.cli import main
 from onedc.datamodules import load_image, sample_photo_paths
-from onedc.inference import OneDCCodec, rate_table
+from onedc.coding.bundle import OneDCCodec
+from onedc.coding.rate import rate_table
 from test_reference_bundle import imported  # noqa: F401  (fixture: the small-width release, imported)
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "decode.py"

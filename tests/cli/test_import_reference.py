@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from onedc.build import build_teacher
+from onedc.training.build import teacher_from_config
 from onedc.cli import main
 from onedc.modules.maskgit import maskgit_source_shapes
 
@@ -39,7 +39,7 @@ def _random_maskgit_file(path: Path) -> Path:
 def _teacher(pretrained: Path):
     cfg = OmegaConf.load(CONFIG)
     cfg.pretrained = str(pretrained)
-    return build_teacher(cfg)
+    return teacher_from_config(cfg)
 
 
 def _error_line(capsys) -> str:

@@ -4,8 +4,8 @@ import socket
 import pytest
 import torch
 
-from onedc.build import build_codec, build_teacher, build_vae
-from onedc.config import GROUPS, compose, group_options
+from onedc.training.build import codec_from_config, teacher_from_config, vae_from_config
+from onedc.training.config import GROUPS, compose, group_options
 from onedc.errors import ConfigError
 
 FULL_SIZE_TOKENIZERS = {"maskgit_vqgan", "timm_vit", "dinov2"}
@@ -68,15 +68,15 @@ def test_run_dir_is_deterministic():
 def test_every_tokenizer_builds(tokenizer):
     cfg = compose([f"tokenizer={tokenizer}"])
     device = "meta" if tokenizer in FULL_SIZE_TOKENIZERS else None
-    teacher = build_teacher(cfg.tokenizer, device=device)
+    teacher = teacher_from_config(cfg.tokenizer, device=device)
     assert teacher.target_dim > 0
     assert not any(p.requires_grad for p in teacher.parameters())
 
 
 def test_full_size_model_parameter_counts_on_meta():
     cfg = compose(["model=sd15"])
-    vae = build_vae(cfg.model, device="meta")
-    codec = build_codec(cfg.model, vae.latent_channels)  # small: built for real
+    vae = vae_from_config(cfg.model, device="meta")
+    codec = codec_from_config(cfg.model, vae.latent_channels)  # small: built for real
     n_vae = sum(p.numel() for p in vae.parameters())
     n_codec = sum(p.numel() for p in codec.parameters())
     assert n_vae == 83_653_863  # the SD 1.x/2.x AutoencoderKL
@@ -86,8 +86,8 @@ def test_full_size_model_parameter_counts_on_meta():
 
 def test_tiny_model_builds_and_runs():
     cfg = compose([])
-    vae = build_vae(cfg.model)
-    codec = build_codec(cfg.model, vae.latent_channels)
+    vae = vae_from_config(cfg.model)
+    codec = codec_from_config(cfg.model, vae.latent_channels)
     x = torch.zeros(1, 3, 64, 64)
     out = codec(x, vae.encode(x))
     assert out.tokens.shape == (1, 1, cfg.model.codec.token_dim)

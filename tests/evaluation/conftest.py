@@ -26,7 +26,7 @@ def write_png(path: Path, image: torch.Tensor) -> Path:
 def model_config() -> dict:
     from omegaconf import OmegaConf
 
-    from onedc.config import compose
+    from onedc.training.config import compose
 
     return OmegaConf.to_container(compose(["model=tiny_random"]).model, resolve=True)
 
@@ -36,8 +36,8 @@ def ladder(tmp_path_factory, model_config) -> list[Path]:
     """Two untrained checkpoints whose y spreads over fewer bins than a fresh codec's (last g_a
     layer scaled by 1/25 and 10/25), so that both JPEG and WebP can reach their bpp; the
     high one's y carries ~30x more bits than the low one's."""
-    from onedc.inference import OneDCCodec
-    from onedc.modules.codec import Y_INIT_GAIN
+    from onedc.coding.bundle import OneDCCodec
+    from onedc.modules.light.codec import Y_INIT_GAIN
 
     folder = tmp_path_factory.mktemp("ladder")
     low = OneDCCodec.from_config(model_config)
@@ -54,11 +54,12 @@ def ladder(tmp_path_factory, model_config) -> list[Path]:
 @pytest.fixture(scope="session")
 def generator_ckpt(tmp_path_factory, model_config) -> Path:
     """An untrained tiny checkpoint with a one-step generator (a latent-stage layout)."""
-    from onedc.build import build_generator
-    from onedc.inference import OneDCCodec, generator_settings
+    from onedc.training.build import generator_from_config
+    from onedc.coding.bundle import OneDCCodec
+    from onedc.families import generator_settings
 
     plain = OneDCCodec.from_config(model_config)
-    bundle = OneDCCodec(plain.vae, plain.codec, build_generator(model_config),
+    bundle = OneDCCodec(plain.vae, plain.codec, generator_from_config(model_config),
                         generator_settings=generator_settings(model_config))
     return save_bundle(bundle, model_config, tmp_path_factory.mktemp("gen") / "latent.ckpt", "latent")
 

@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from onedc.bitstream import decode_container
+from onedc.coding.bitstream import decode_container
 from onedc.cli import SUBCOMMANDS, main
 from onedc.errors import OneDCError
-from onedc.evaluation import (
+from onedc.eval import (
     ALEXNET_FILE, INCEPTION_FILE, JPEG_QUALITIES, VGG16_FILE, WEBP_QUALITIES, PerceptualMetrics, evaluate,
     fid_kid, fid_patches, ms_ssim_settings, ms_ssim_uint8, pillow_encode, to_uint8)
-from onedc.inference import OneDCCodec
+from onedc.coding.bundle import OneDCCodec
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -187,7 +187,7 @@ class RandomPatchFeatures(nn.Module):
 
 
 def test_fid_kid_columns_with_a_feature_extractor(tmp_path, ladder, photo, no_weights):
-    from onedc.inference import save_image
+    from onedc.coding.images import save_image
 
     save_image(photo[:, :384, :384], tmp_path / "big.png")  # 1 grid patch + 1 shifted patch
     notes: list[str] = []
@@ -241,7 +241,7 @@ def test_steps_decode_through_the_multi_step_generator(generator_ckpt, ladder, p
 
 
 def test_decompress_cli_steps(generator_ckpt, ladder, photo, tmp_path, capsys):
-    from onedc.inference import save_image
+    from onedc.coding.images import save_image
 
     save_image(photo[:, :64, :64], tmp_path / "in" / "a.png")
     assert main(["compress", str(tmp_path / "in"), "-o", str(tmp_path / "c"), "--ckpt", str(generator_ckpt)]) == 0

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from onedc.modules.codec import HyperpriorCodec, pad_to_multiple
+from onedc.modules.light.codec import HyperpriorCodec
+from onedc.modules.streams import pad_to_multiple
 from onedc.modules.vae import build_vae
 
 TINY_CODEC = dict(channels=16, y_channels=8, sem_channels=16, fsq_levels=[4] * 7, token_dim=16, gs_channels=16)

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from onedc.build import build_distill_loss, build_teacher
-from onedc.config import compose
+from onedc.training.build import build_distill_loss, teacher_from_config
+from onedc.training.config import compose
 from onedc.modules.codeformer_head import CodeformerHead, SwinBlock
 from onedc.modules.distill import SemanticDistillLoss
 from onedc.modules.teachers import TeacherTargets
@@ -20,7 +20,7 @@ REFERENCE = Path("/work/shared/design/reference")
 def test_full_size_preset_head_matches_section_9_on_meta():
     """tokenizer=maskgit_vqgan builds the 60,315,392-element head and the 1e-3·[CE + 0.01·MSE] loss."""
     cfg = compose(["model=sd15", "tokenizer=maskgit_vqgan"])
-    teacher = build_teacher(cfg.tokenizer, device="meta")
+    teacher = teacher_from_config(cfg.tokenizer, device="meta")
     with torch.device("meta"):
         loss = build_distill_loss(cfg.tokenizer, cfg.model, teacher)
     head = loss.head

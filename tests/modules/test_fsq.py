@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from onedc.modules.codec import pack_indices, unpack_indices
+from onedc.modules.streams import pack_indices, unpack_indices
 from onedc.modules.fsq import FSQ
 
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from onedc.build import build_discriminator
-from onedc.config import compose, group_options, to_dict
+from onedc.training.build import build_discriminator
+from onedc.training.config import compose, group_options, to_dict
 from onedc.errors import ConfigError, WeightsError
 from onedc.modules.discriminators import DiffusionDiscriminator, build_diffusion_discriminator, build_patch_discriminator
 from onedc.modules.losses import (ALEXNET_FILE, HingeLoss, NonSaturatingLoss, PerceptualLoss, adaptive_gan_weight,

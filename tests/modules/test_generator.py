@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from onedc.build import build_generator
-from onedc.config import compose, to_dict
+from onedc.training.build import generator_from_config
+from onedc.training.config import compose, to_dict
 from onedc.errors import ConfigError, WeightsError
 from onedc.modules.generator import OneStepGenerator
 
@@ -28,7 +28,7 @@ def _inputs(model: dict, batch: int = 2, size: int = 16) -> tuple[torch.Tensor, 
 
 
 def test_output_is_a_latent_on_the_feature_grid(tiny_model):
-    generator = build_generator(tiny_model).eval()
+    generator = generator_from_config(tiny_model).eval()
     features, tokens = _inputs(tiny_model)
     with torch.no_grad():
         latent = generator(features, tokens)
@@ -40,7 +40,7 @@ def test_output_is_a_latent_on_the_feature_grid(tiny_model):
 
 
 def test_x0_conversion_matches_the_formula_by_hand(tiny_model):
-    generator = build_generator(tiny_model).eval()
+    generator = generator_from_config(tiny_model).eval()
     features, tokens = _inputs(tiny_model)
     # ᾱ_999 of SD's scaled_linear schedule, computed without diffusers.
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
@@ -62,7 +62,7 @@ def test_x0_conversion_matches_the_formula_by_hand(tiny_model):
 
 
 def test_multi_step_runs_the_unet_once_per_step_from_T(tiny_model):
-    generator = build_generator(tiny_model).eval()
+    generator = generator_from_config(tiny_model).eval()
     features, tokens = _inputs(tiny_model)
     calls: list[int] = []
     hook = generator.unet.register_forward_hook(lambda module, args, out: calls.append(int(args[1][0])))
@@ -82,9 +82,9 @@ def test_multi_step_runs_the_unet_once_per_step_from_T(tiny_model):
 
 
 def test_lora_trains_only_adapters_and_new_layers(tiny_model):
-    plain = build_generator(tiny_model)
+    plain = generator_from_config(tiny_model)
     lora_model = dict(tiny_model, generator=dict(tiny_model["generator"], lora=LORA))
-    generator = build_generator(lora_model)
+    generator = generator_from_config(lora_model)
     features, tokens = _inputs(tiny_model)
     trainable = {n for n, p in generator.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable) and any("lora_B" in n for n in trainable)
@@ -111,15 +111,15 @@ def test_pretrained_unet_dir_loads_to_identical_outputs(tiny_model, tmp_path):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(gen_cfg["seed"])
         UNet2DConditionModel(**gen_cfg["unet"]).save_pretrained(tmp_path / "sd" / "unet")
-    drawn = build_generator(tiny_model).eval()
+    drawn = generator_from_config(tiny_model).eval()
     for where in (tmp_path / "sd", tmp_path / "sd" / "unet"):  # SD model dir, or the UNet dir itself
-        loaded = build_generator(dict(tiny_model, generator=dict(gen_cfg, pretrained=str(where)))).eval()
+        loaded = generator_from_config(dict(tiny_model, generator=dict(gen_cfg, pretrained=str(where)))).eval()
         features, tokens = _inputs(tiny_model)
         with torch.no_grad():
             assert torch.equal(loaded(features, tokens), drawn(features, tokens))
 
     with pytest.raises(WeightsError, match="nowhere"):
-        build_generator(dict(tiny_model, generator=dict(gen_cfg, pretrained=str(tmp_path / "nowhere"))))
+        generator_from_config(dict(tiny_model, generator=dict(gen_cfg, pretrained=str(tmp_path / "nowhere"))))
 
 
 def test_token_width_must_match_cross_attention(tiny_model):
@@ -133,11 +133,11 @@ def test_token_width_must_match_cross_attention(tiny_model):
     with pytest.raises(ValueError, match="tokens are 16-d"):
         generator(features, tokens[..., :16])
     with pytest.raises(ConfigError, match="token_dim=16"):
-        build_generator(compose(["model=tiny_random", "model.codec.token_dim=16"]).model)
+        generator_from_config(compose(["model=tiny_random", "model.codec.token_dim=16"]).model)
 
 
 def test_sd15_preset_unet_has_the_reference_size():
-    generator = build_generator(compose(["model=sd15"]).model, device="meta")
+    generator = generator_from_config(compose(["model=sd15"]).model, device="meta")
     unet = generator.unet
     assert unet.config.cross_attention_dim == 768 and unet.conv_in.in_channels == 320
     base = sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n)
@@ -154,7 +154,7 @@ def test_sd15_preset_unet_has_the_reference_size():
 def test_generator_started_from_the_latent_head_reproduces_it(prediction_type):
     """model=tiny's init: residual: at step 0 the generator's x0 is the codec's light latent reconstruction."""
     model = to_dict(compose(["model=tiny", f"model.generator.prediction_type={prediction_type}"]).model)
-    generator = build_generator(model).eval()
+    generator = generator_from_config(model).eval()
     features, tokens = _inputs(model)
     head = torch.nn.Conv2d(model["codec"]["gs_channels"], 4, 3, padding=1)
     with torch.no_grad():
@@ -168,7 +168,7 @@ def test_generator_started_from_the_latent_head_reproduces_it(prediction_type):
 
 def test_latent_head_start_is_refused_where_it_cannot_hold(tiny_model):
     with pytest.raises(ValueError, match="set model.generator.xt_kernel_size to 3"):
-        build_generator(tiny_model).start_from_latent_head(torch.nn.Conv2d(tiny_model["codec"]["gs_channels"], 4, 3, padding=1))
+        generator_from_config(tiny_model).start_from_latent_head(torch.nn.Conv2d(tiny_model["codec"]["gs_channels"], 4, 3, padding=1))
     sample = to_dict(compose(["model=tiny", "model.generator.prediction_type=sample"]).model)
     with pytest.raises(ValueError, match="needs prediction_type epsilon or v_prediction"):
-        build_generator(sample).start_from_latent_head(torch.nn.Conv2d(sample["codec"]["gs_channels"], 4, 3, padding=1))
+        generator_from_config(sample).start_from_latent_head(torch.nn.Conv2d(sample["codec"]["gs_channels"], 4, 3, padding=1))

@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from onedc.build import build_generator
-from onedc.config import compose, to_dict
+from onedc.training.build import generator_from_config
+from onedc.training.config import compose, to_dict
 from onedc.errors import WeightsError
 
 LORA = {"rank": 4, "alpha": 4, "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]}
@@ -34,17 +34,17 @@ def _with_pretrained(model: dict, path) -> dict:
 @torch.no_grad()
 def test_unet_state_dict_files_load_strictly(tiny_model, tmp_path):
     gen = tiny_model["generator"]
-    state = _unet_state(gen["unet"], gen["seed"])  # what build_generator draws from this seed
+    state = _unet_state(gen["unet"], gen["seed"])  # what generator_from_config draws from this seed
     torch.save(state, tmp_path / "pytorch_model.bin")
     save_file(state, tmp_path / "unet.safetensors")
-    drawn = build_generator(tiny_model).eval()
-    other = build_generator(dict(tiny_model, generator=dict(gen, seed=gen["seed"] + 1))).eval()
+    drawn = generator_from_config(tiny_model).eval()
+    other = generator_from_config(dict(tiny_model, generator=dict(gen, seed=gen["seed"] + 1))).eval()
     features = torch.randn(2, tiny_model["codec"]["gs_channels"], 16, 16)
     tokens = torch.randn(2, 4, tiny_model["codec"]["token_dim"])
     want = drawn(features, tokens)
     assert not torch.equal(other(features, tokens), want)  # the weights decide the output
     for name in ("pytorch_model.bin", "unet.safetensors"):
-        loaded = build_generator(_with_pretrained(tiny_model, tmp_path / name)).eval()
+        loaded = generator_from_config(_with_pretrained(tiny_model, tmp_path / name)).eval()
         assert torch.equal(loaded(features, tokens), want)
         assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in loaded.parameters())
 
@@ -68,6 +68,6 @@ def test_wrong_unet_files_fail_with_one_line(tiny_model, tmp_path):
     cases["absent.bin"] = (tmp_path / "absent.bin", "not found")
     for name, (path, needle) in cases.items():
         with pytest.raises(WeightsError) as err:
-            build_generator(_with_pretrained(tiny_model, path))
+            generator_from_config(_with_pretrained(tiny_model, path))
         message = str(err.value)
         assert "\n" not in message and str(path) in message and needle in message, (name, message)

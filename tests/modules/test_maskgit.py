@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from onedc.build import build_teacher as build_teacher_from_config
+from onedc.training.build import teacher_from_config as build_teacher_from_config
 from onedc.datamodules.image_folder import load_image
 from onedc.errors import WeightsError
 from onedc.modules.maskgit import maskgit_source_shapes, maskgit_vqmodel, maskgit_vqmodel_config

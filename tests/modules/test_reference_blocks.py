@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from onedc.modules.reference.blocks import (
+from onedc.modules.blocks import (
     ConvFFN,
     ConvSelfAttention,
     ResidualBlockUpsample,

@@ -16,7 +16,7 @@ from onedc.errors import WeightsError
 from onedc.modules.reference.analysis import unet_trunk_forward
 from onedc.modules.reference.codec import ReferenceCodec
 from onedc.modules.reference.context import QuantiseResiduals, gather_step, scatter_step
-from onedc.modules.reference.released import load_released_codec, save_released_codec
+from onedc.families.reference.released import load_released_codec, save_released_codec
 from onedc.modules.reference.synthesis import semantic_tokens
 
 KEY_LIST = Path(__file__).resolve().parents[1] / "data" / "reference" / "codec.txt"

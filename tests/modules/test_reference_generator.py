@@ -6,14 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from onedc.modules.reference.generator import (
-    LORA_TARGETS,
-    build_reference_generator,
-    epsilon_to_x0_float64,
-    merge_lora_state_dict,
-    module_to_released_keys,
-    released_to_module_keys,
-)
+from onedc.families.reference.released import merge_lora_state_dict, module_to_released_keys, released_to_module_keys
+from onedc.modules.reference.generator import LORA_TARGETS, build_reference_generator, epsilon_to_x0_float64
 from reference_testdata import SMALL_UNET, read_key_list
 
 # Same LoRA scale as the reference (α/r = 8/64 = 0.125) at a rank that suits the width.

@@ -9,8 +9,8 @@ from safetensors.torch import load_file, save_file
 
 from onedc.errors import WeightsError
 from onedc.modules.reference.generator import build_reference_generator
-from onedc.modules.reference.released import load_released_codec
-from onedc.reference_import import (
+from onedc.families.reference.released import load_released_codec
+from onedc.families.reference.released import (
     CODEC_FILE,
     GENERATOR_FILE,
     ReferenceArchitecture,
@@ -60,7 +60,7 @@ def _features(batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_the_onedc_sd15_preset_expects_exactly_the_released_key_lists():
-    from onedc.config import compose, to_dict
+    from onedc.training.config import compose, to_dict
 
     full = reference_architecture(to_dict(compose(["model=onedc_sd15"]).model))
     for shapes, name, count in ((released_generator_shapes(full), "feedforward.txt", 1252),

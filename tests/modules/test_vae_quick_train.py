@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 
 import onedc.modules.vae_quick_train as quick_module
-from onedc.build import build_vae, identity
-from onedc.config import compose
+from onedc.training.build import vae_from_config, identity
+from onedc.training.config import compose
 from onedc.datamodules import load_image, sample_photo_paths
 from onedc.errors import ConfigError
-from onedc.evaluation import psnr_uint8, to_uint8
+from onedc.eval import psnr_uint8, to_uint8
 
 # Quick-trained (600 + 200 steps, 100-250 s on one core, once per session): grace_hopper 19.86,
 # motorcycle_right 20.88 dB with AVX2 kernels; 19.81 / 20.76 dB with ATEN_CPU_CAPABILITY=default
@@ -45,7 +45,7 @@ def reconstruction_psnr(vae, name: str) -> float:
 
 def test_quick_trained_tiny_vae_reconstructs_held_out_photos():
     model = compose([]).model
-    trained, random = build_vae(model, quick_train=True), build_vae(compose(["model=tiny_random"]).model)
+    trained, random = vae_from_config(model, quick_train=True), vae_from_config(compose(["model=tiny_random"]).model)
     for name, floor in HELD_OUT_PSNR_FLOOR.items():
         assert reconstruction_psnr(random, name) < RANDOM_PSNR_CEILING
         assert reconstruction_psnr(trained, name) > floor, name
@@ -54,9 +54,9 @@ def test_quick_trained_tiny_vae_reconstructs_held_out_photos():
 
 def test_quick_train_is_deterministic_cached_and_reloaded(tmp_path, monkeypatch):
     monkeypatch.setenv("ONEDC_CACHE", str(tmp_path / "a"))
-    first = build_vae(small_model(), quick_train=True)
+    first = vae_from_config(small_model(), quick_train=True)
     monkeypatch.setenv("ONEDC_CACHE", str(tmp_path / "b"))
-    second = build_vae(small_model(), quick_train=True)
+    second = vae_from_config(small_model(), quick_train=True)
     assert first.identity == second.identity
     for (key, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(a, b), key
@@ -67,23 +67,23 @@ def test_quick_train_is_deterministic_cached_and_reloaded(tmp_path, monkeypatch)
 
     monkeypatch.setattr(quick_module, "quick_train_vae", no_training)
     monkeypatch.setenv("ONEDC_CACHE", str(tmp_path / "a"))
-    assert build_vae(small_model(), quick_train=True).identity == first.identity
+    assert vae_from_config(small_model(), quick_train=True).identity == first.identity
     # Loading a checkpoint builds the architecture only: its weights come from the file.
-    random = build_vae(small_model())
+    random = vae_from_config(small_model())
     assert "random" in random.identity
     with pytest.raises(AssertionError, match="trained again"):
-        build_vae(small_model({**SMALL_RECIPE, "joint_steps": 3}), quick_train=True)  # another recipe: a miss
+        vae_from_config(small_model({**SMALL_RECIPE, "joint_steps": 3}), quick_train=True)  # another recipe: a miss
 
 
 def test_stage_checkpoint_identity_records_the_vae():
     cfg = compose(["model=tiny", "stage=distill"])
-    vae = build_vae(small_model())
+    vae = vae_from_config(small_model())
     recorded = identity(cfg, cfg.stage, vae=vae).model["vae"]
     assert recorded["identity"] == vae.identity and recorded["config"] == dict(cfg.model.vae.config)
 
 
 def test_quick_train_options_are_checked():
     with pytest.raises(ConfigError, match="unknown model.vae.quick_train option.*valid options: guided_steps"):
-        build_vae(small_model({"stepz": 3}), quick_train=True)
+        vae_from_config(small_model({"stepz": 3}), quick_train=True)
     with pytest.raises(ConfigError, match="crop=13 must be a multiple of the VAE's downsampling factor 2"):
-        build_vae(small_model({**SMALL_RECIPE, "crop": 13}), quick_train=True)
+        vae_from_config(small_model({**SMALL_RECIPE, "crop": 13}), quick_train=True)

@@ -4,11 +4,11 @@ import torch
 from safetensors.torch import load_file
 
 from onedc.cli import main
-from onedc.config import compose
+from onedc.training.config import compose
 from onedc.datamodules import load_image, sample_photo_paths
 from onedc.errors import CheckpointError
-from onedc.inference import OneDCCodec
-from onedc.pipeline import run
+from onedc.coding.bundle import OneDCCodec
+from onedc.training.pipeline import run
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_exported_file_codes_identically_to_the_checkpoint(latent_ckpt, tmp_path
 
     # ... and through the CLI, as a user would
     image = tmp_path / "in.png"
-    from onedc.inference import save_image
+    from onedc.coding.images import save_image
 
     save_image(x, image)
     assert main(["compress", str(image), "-o", str(tmp_path / "bits"), "--ckpt", str(out)]) == 0

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 import onedc.modules.vae_quick_train as vae_quick_train
-from onedc import pipeline
+from onedc.training import pipeline
 from onedc.cli import main as onedc_main
-from onedc.config import compose
+from onedc.training.config import compose
 from onedc.datamodules import sample_photo_paths
 from onedc.errors import WeightsError
 

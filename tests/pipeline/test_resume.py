@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
-from onedc.config import compose
+from onedc.training.config import compose
 from onedc.errors import CheckpointError, ConfigError
-from onedc.pipeline import run
+from onedc.training.pipeline import run
 
 from pipeline_helpers import FAST, REPO, run_train, train_cmd
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from onedc import pipeline
-from onedc.config import compose
+from onedc.training import pipeline
+from onedc.training.config import compose
 
 BASE = ["model=tiny_random", "trainer.enable_progress_bar=false", "data.batch_size=2", "data.crop_size=128", "trainer.logger=none"]
 LATENT_CKPT_STEPS = 16

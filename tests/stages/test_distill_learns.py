@@ -21,10 +21,10 @@ import json
 import pytest
 import torch
 
-from onedc.build import build_stage
-from onedc.config import compose
+from onedc.training.build import build_stage
+from onedc.training.config import compose
 from onedc.datamodules import load_image, sample_photo_paths
-from onedc.pipeline import load_init_weights, run
+from onedc.training.pipeline import load_init_weights, run
 
 OVERRIDES = ["trainer.logger=none", "trainer.enable_progress_bar=false", "stage.val_every_n_steps=300",
              "stage.checkpoint_every_n_steps=300", "data.val_crop_size=448"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from onedc import pipeline
-from onedc.config import compose
+from onedc.training import pipeline
+from onedc.training.config import compose
 from onedc.datamodules import sample_photo_paths
-from onedc.evaluation import evaluate
+from onedc.eval import evaluate
 
 STEPS = 120
 # Spread (benchmarks/learning_spread.py --figures end_to_end: 120 steps, 2 x 128 px crops, 0.28 ..

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from onedc import pipeline
-from onedc.build import build_datamodule, build_stage
-from onedc.config import compose
+from onedc.training import pipeline
+from onedc.training.build import build_datamodule, build_stage
+from onedc.training.config import compose
 from onedc.datamodules.image_folder import sample_photo_paths
 from onedc.stages.finetune import DISCRIMINATOR_GROUP, FinetuneStage, _base_optimizer
 

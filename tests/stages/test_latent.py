@@ -7,10 +7,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from onedc import pipeline
-from onedc.build import build_stage
+from onedc.training import pipeline
+from onedc.training.build import build_stage
 from onedc.callbacks import EMACallback
-from onedc.config import compose
+from onedc.training.config import compose
 from onedc.errors import CheckpointError
 from onedc.stages.latent import LatentStage
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 from omegaconf import DictConfig, open_dict
 
-from onedc import pipeline
-from onedc.build import build_stage
+from onedc.training import pipeline
+from onedc.training.build import build_stage
 from onedc.cli import main
-from onedc.config import compose
+from onedc.training.config import compose
 from onedc.datamodules import load_image, sample_photo_paths
 from onedc.errors import WeightsError
 from onedc.stages.latent import LatentStage
@@ -272,11 +272,12 @@ def test_full_size_latent_stage_optimises_the_lora_conv_in_and_vae_reduction():
     from torch import nn
 
     from onedc.callbacks import EMACallback
+    from onedc.families import REFERENCE
     from onedc.modules.reference.generator import build_reference_generator
     from onedc.stages.common import ModelIdentity, OptimizerSpec
 
     generator = build_reference_generator(device="meta")
-    stage = LatentStage(vae=nn.Identity(), codec=nn.Identity(), generator=generator, optimizer=OptimizerSpec(),
+    stage = LatentStage(family=REFERENCE, vae=nn.Identity(), codec=nn.Identity(), generator=generator, optimizer=OptimizerSpec(),
                         identity=ModelIdentity(model={}))
     optimised = [p for group in stage.configure_optimizers()["optimizer"].param_groups for p in group["params"]]
     tracked = EMACallback(modules=("generator",)).tracked(stage)
@@ -289,7 +290,7 @@ def test_full_size_latent_stage_optimises_the_lora_conv_in_and_vae_reduction():
 
 
 def test_with_the_lora_merged_the_whole_generator_trains(imported, tmp_path):
-    from onedc.reference_import import ReferenceArchitecture, import_reference
+    from onedc.families.reference.released import ReferenceArchitecture, import_reference
 
     release = imported.parent
     model = small_model_config()

@@ -20,7 +20,7 @@ import torch
 from diffusers import UNet2DModel
 from torch import Tensor, nn
 
-from onedc.modules.reference.blocks import ConvSelfAttention, DepthConvBlock, VQGANResnetBlock, conv_down
+from onedc.modules.blocks import ConvSelfAttention, DepthConvBlock, VQGANResnetBlock, conv_down
 
 #: The trunk runs at this fixed diffusion timestep (the time embedding of the integer 999).
 TRUNK_TIMESTEP = 999

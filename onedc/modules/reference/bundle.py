@@ -1,9 +1,9 @@
 """The reference codec behind onedc's coding interface: what ``OneDCCodec`` drives for ``family: reference``.
 
 :class:`CodingReferenceCodec` is :class:`ReferenceCodec` (same 779 state-dict keys) plus the
-contract the inference bundle expects of a codec (``onedc.modules.codec.HyperpriorCodec``'s):
+contract the inference bundle expects of a codec (``onedc.modules.light.codec.HyperpriorCodec``'s):
 ``downsample``, ``fsq``, ``compress(x, v)`` returning the streams, fix lists, checksums and ŷ
-of each image, ``decompress(...)`` returning :class:`~onedc.modules.codec.DecodedLatents`, and
+of each image, ``decompress(...)`` returning :class:`~onedc.modules.light.codec.DecodedLatents`, and
 an eval ``forward`` whose ŷ is the one the files decode to. y is coded by
 :class:`~onedc.modules.reference.coding.ReferenceYCoder` (four context steps, machine-independent
 decisions); z by the same fixed-length packing as the light codec.
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from onedc.modules.codec import DecodedLatents, HyperpriorCodec, pack_indices, unpack_indices
+from onedc.modules.streams import DecodedLatents, pack_indices, unpack_indices, z_stream_bits
 from onedc.modules.reference.codec import PAD_MULTIPLE, ReferenceCodec, ReferenceCodecOutput
 from onedc.modules.reference.coding import ReferenceYCoder
 from onedc.modules.reference.synthesis import semantic_tokens
@@ -31,8 +31,6 @@ class CodingReferenceCodec(ReferenceCodec):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        # Read by the bundle's stream guard (symbols per image); not architecture.
-        self.config = dict(self.config, patch_size=Y_STRIDE // 2, y_channels=self.config["bottleneck_ch"])
         self.__dict__["_y_coder"] = None  # not a submodule: its tables are fixed, never in the state dict
 
     @property
@@ -87,14 +85,15 @@ class CodingReferenceCodec(ReferenceCodec):
         features = self.synthesise(y_hat.to(semantic.dtype), semantic)
         return DecodedLatents(y_hat, z_hat, semantic, semantic_tokens(semantic), features, None)
 
-    # Bits of the fixed-length z stream of a z grid (14 per index): the light codec's rule, same packing.
-    z_bits_per_image = HyperpriorCodec.z_bits_per_image
+    def z_bits_per_image(self, z_shape: Sequence[int]) -> int:
+        """Bits of the fixed-length z stream of a z grid (14 per index): the light codec's rule, same packing."""
+        return z_stream_bits(self.fsq, z_shape)
 
     def rate_bits(self, out: ReferenceCodecOutput) -> Tensor:
         """Estimated bits per image (B,), the reference's (REFERENCE.md §4.6, §13): Σ bits(q) + 14 per z index.
 
         The y term is ``out.y_bits`` summed: the eval estimate in eval mode, the noisy proxy in
-        training. Like ``HyperpriorCodec.rate_bits`` (the seam :func:`onedc.rate.rate_table`
+        training. Like ``HyperpriorCodec.rate_bits`` (the seam :func:`onedc.coding.rate.rate_table`
         uses), but without a flush term: the reference does not count one.
         """
         return out.y_bits.flatten(1).sum(dim=1) + self.z_bits_per_image(out.z_hat.shape[-2:])

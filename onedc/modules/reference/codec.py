@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from onedc.modules.fsq import FSQ
 from onedc.modules.reference.analysis import ReferenceAnalysis
-from onedc.modules.reference.blocks import DepthConvBlock
+from onedc.modules.blocks import DepthConvBlock
 from onedc.modules.reference.context import (
     ContextOutput,
     QuantiseResiduals,

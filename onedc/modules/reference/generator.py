@@ -13,8 +13,8 @@ whose x_t head (``to_xt``) is the ``vae_reduction`` block and whose ε→x0 step
 the rest of onedc (training stages, multi-step baseline, inference) drives it unchanged.
 
 Key layout: the module's state dict is ``unet.<k>`` + ``to_xt.<k>``; the released file is the
-bare UNet keys ``<k>`` + ``vae_reduction.<k>``. :func:`released_to_module_keys` and
-:func:`module_to_released_keys` translate one-to-one (1252 keys both ways).
+bare UNet keys ``<k>`` + ``vae_reduction.<k>``; ``onedc.families.reference.released`` translates
+between the two (1252 keys both ways), like every other conversion of the released files.
 """
 from __future__ import annotations
 
@@ -171,9 +171,9 @@ def build_reference_generator(*, unet_config: Mapping[str, Any] | None = None, g
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if pretrained is not None and not meta:
-            from onedc.modules.generator import _load_unet
+            from onedc.modules.unet import load_unet
 
-            unet = _load_unet(pretrained, config)
+            unet = load_unet(pretrained, config, what="the generator UNet (model.generator.unet)")
             generator = ReferenceGenerator(unet, gs_channels=gs_channels, lora=lora, lora_rank=lora_rank,
                                            lora_alpha=lora_alpha)
         elif meta:
@@ -190,54 +190,3 @@ def build_reference_generator(*, unet_config: Mapping[str, Any] | None = None, g
     if device is not None and not meta:
         generator.to(device)
     return generator
-
-
-# --------------------------------------------------------------------------- key layouts
-def released_to_module_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """``model.safetensors`` keys -> :class:`ReferenceGenerator` state-dict keys (same tensors)."""
-    out: dict[str, Tensor] = {}
-    for key, value in state.items():
-        if key.startswith(RELEASED_XT_PREFIX):
-            out[MODULE_XT_PREFIX + key[len(RELEASED_XT_PREFIX):]] = value
-        else:
-            out[MODULE_UNET_PREFIX + key] = value
-    return out
-
-
-def module_to_released_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """:class:`ReferenceGenerator` state-dict keys -> ``model.safetensors`` keys (inverse of the above)."""
-    out: dict[str, Tensor] = {}
-    for key, value in state.items():
-        if key.startswith(MODULE_XT_PREFIX):
-            out[RELEASED_XT_PREFIX + key[len(MODULE_XT_PREFIX):]] = value
-        elif key.startswith(MODULE_UNET_PREFIX):
-            out[key[len(MODULE_UNET_PREFIX):]] = value
-        else:
-            raise KeyError(f"'{key}' is neither a unet. nor a to_xt. key of the reference generator")
-    return out
-
-
-def merge_lora_state_dict(state: Mapping[str, Tensor], scale: float = LORA_ALPHA / LORA_RANK,
-                          adapter: str = LORA_ADAPTER) -> dict[str, Tensor]:
-    """Fold every LoRA pair into its base layer: W' = W + scale·B·A, computed in float64 (§5.1).
-
-    Works on either key layout: ``<m>.base_layer.{weight,bias}`` + ``<m>.lora_{A,B}.<adapter>.weight``
-    become ``<m>.{weight,bias}``; other keys pass through. For convs, B is 1x1 and A has the base
-    kernel, so B·A is ``B[:, :, 0, 0] @ A.reshape(r, -1)`` reshaped to the base kernel. The result
-    is the float32 value nearest the exact sum, and loads into a generator built with ``lora=False``.
-    """
-    a_suffix, b_suffix = f".lora_A.{adapter}.weight", f".lora_B.{adapter}.weight"
-    merged: dict[str, Tensor] = {}
-    for key, value in state.items():
-        if key.endswith((a_suffix, b_suffix)):
-            continue
-        if ".base_layer." not in key:
-            merged[key] = value
-            continue
-        module, _, leaf = key.rpartition(".base_layer.")
-        if leaf == "weight":
-            down, up = state[module + a_suffix], state[module + b_suffix]
-            delta = up.double().reshape(up.shape[0], -1) @ down.double().reshape(down.shape[0], -1)
-            value = (value.double() + scale * delta.reshape(value.shape)).to(value.dtype)
-        merged[f"{module}.{leaf}"] = value
-    return merged

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from onedc.modules.reference.blocks import ConvSelfAttention, DepthConvBlock, ResidualBlockUpsample, conv_down
+from onedc.modules.blocks import ConvSelfAttention, DepthConvBlock, ResidualBlockUpsample, conv_down
 
 
 class HyperAnalysis(nn.Module):

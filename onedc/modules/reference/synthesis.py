@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from onedc.modules.reference.blocks import (
+from onedc.modules.blocks import (
     ConvSelfAttention,
     DepthConvBlock,
     ResidualBlockUpsample,

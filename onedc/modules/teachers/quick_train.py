@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from onedc.errors import ConfigError, OneDCError
-from onedc.images import load_image
+from onedc.coding.images import load_image
 from onedc.modules.teachers.base import (_LEGACY_RANGE, _LEGACY_RESIZE, _build_random, _check_range, _protocol_suffix,
                                          _resize, _scaled_size, _to_range)
 from onedc.modules.teachers.codebook import _kmeans

@@ -2,7 +2,7 @@
 
 Hydra is used only to *compose* (groups, defaults, overrides); it never changes the working
 directory and never creates output dirs: run dirs are deterministic and owned by
-:mod:`onedc.pipeline`. Unknown group options and unknown keys raise :class:`ConfigError`
+:mod:`onedc.training.pipeline`. Unknown group options and unknown keys raise :class:`ConfigError`
 listing the valid choices.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ GROUPS = ("stage", "model", "tokenizer", "data", "trainer", "discriminator", "ex
 def config_dir() -> Path:
     """The ``configs/`` directory: ``$ONEDC_CONFIG_DIR`` or the one beside the package."""
     env = os.environ.get("ONEDC_CONFIG_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[1] / "configs"
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "configs"
     if not (path / "config.yaml").is_file():
         raise ConfigError(f"no config.yaml in {path}: set ONEDC_CONFIG_DIR to onedc's configs/ directory")
     return path

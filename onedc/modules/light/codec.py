@@ -23,7 +23,6 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from compressai.entropy_models import GaussianConditional
 from compressai.layers import ResidualBlock, ResidualBlockUpsample, ResidualBlockWithStride, conv1x1, conv3x3
 from compressai.models.base import CompressionModel
@@ -40,6 +39,7 @@ from onedc.modules.decisions import (
     float64_call,
 )
 from onedc.modules.fsq import FSQ
+from onedc.modules.streams import DecodedLatents, pack_indices, unpack_indices, z_stream_bits
 from onedc.modules.positions import sincos_2d  # the "unit" position code of the semantic tokens
 
 # The estimated rate must be the rate of the file. Measured on the 7 sample photos with three
@@ -84,35 +84,6 @@ class HyperpriorOutput(NamedTuple):
     tokens: Tensor  # (B, L, token_dim) cross-attention tokens, L = H/64 * W/64
     features: Tensor  # (B, gs_channels, H/8, W/8) g_s output: the generator's conv_in input
     latent_hat: Tensor  # (B, C_vae, H/8, W/8) light reconstruction of the VAE latent
-
-
-class DecodedLatents(NamedTuple):
-    """What the decoder side computes from (ŷ, ẑ): exactly what ``decompress`` returns."""
-
-    y_hat: Tensor
-    z_hat: Tensor
-    semantic: Tensor
-    tokens: Tensor
-    features: Tensor
-    latent_hat: Tensor
-
-
-def pack_indices(indices: np.ndarray, bits: int) -> bytes:
-    """Bit-pack non-negative integers, ``bits`` each, MSB first (fixed-length code)."""
-    flat = indices.astype(np.uint64).reshape(-1)
-    shifts = np.arange(bits - 1, -1, -1, dtype=np.uint64)
-    bit_array = ((flat[:, None] >> shifts) & np.uint64(1)).astype(np.uint8)
-    return np.packbits(bit_array.reshape(-1)).tobytes()
-
-
-def unpack_indices(data: bytes, count: int, bits: int) -> np.ndarray:
-    """Inverse of :func:`pack_indices`; raises ValueError if ``data`` is too short."""
-    needed = (count * bits + 7) // 8
-    if len(data) < needed:
-        raise ValueError(f"z stream has {len(data)} bytes, {needed} needed")
-    bit_array = np.unpackbits(np.frombuffer(data, dtype=np.uint8, count=needed))[: count * bits]
-    weights = (np.uint64(1) << np.arange(bits - 1, -1, -1, dtype=np.uint64))
-    return (bit_array.reshape(count, bits).astype(np.uint64) * weights).sum(axis=1).astype(np.int64)
 
 
 class HyperpriorCodec(CompressionModel):
@@ -199,7 +170,7 @@ class HyperpriorCodec(CompressionModel):
         if x.shape[-2] % self.downsample or x.shape[-1] % self.downsample:
             raise ValueError(
                 f"image size {tuple(x.shape[-2:])} is not a multiple of {self.downsample}: pad it first "
-                "(onedc.modules.codec.pad_to_multiple)"
+                "(onedc.modules.light.codec.pad_to_multiple)"
             )
         h = self.fuse(torch.cat([self.patch_embed(x), v], dim=1))
         return self.g_a_y(h), self.g_a_sem(h) + self.sem_shortcut(x)
@@ -263,7 +234,7 @@ class HyperpriorCodec(CompressionModel):
 
     def z_bits_per_image(self, z_shape: Sequence[int]) -> int:
         """Bits of the fixed-length z stream for a z grid of ``z_shape`` (before byte padding)."""
-        return self.fsq.bits_per_index * int(z_shape[0]) * int(z_shape[1])
+        return z_stream_bits(self.fsq, z_shape)
 
     @staticmethod
     def rate_bits(out: HyperpriorOutput) -> Tensor:
@@ -371,12 +342,3 @@ class HyperpriorCodec(CompressionModel):
         codec = cls(**config)
         codec.load_state_dict(state_dict)
         return codec
-
-
-def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int]]:
-    """Replicate-pad (B,3,H,W) on the bottom/right to a multiple; return it and the original (H, W)."""
-    h, w = x.shape[-2:]
-    pad_h, pad_w = (-h) % multiple, (-w) % multiple
-    if pad_h or pad_w:
-        x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
-    return x, (h, w)

@@ -2,14 +2,14 @@
 
 ::
 
-    final.ckpt of each stage ─ onedc.evaluation.evaluate(held-out photos) ─> real .onedc files,
+    final.ckpt of each stage ─ onedc.eval.evaluate(held-out photos) ─> real .onedc files,
         bpp from their sizes, PSNR, MS-SSIM; JPEG / WebP ladders and at each stage's bpp; rd.png
     last stage's VAE alone (encode -> decode, nothing coded) ─> the reconstruction ceiling
     the .onedc files decoded again + the VAE alone + JPEG at the last stage's bpp ─> reconstructions.png
     ─> report.json + a printed table
 
 Everything lands in ``<run_dir>/report/`` (the evaluation's own files beside them), written
-atomically. The measurement itself is :func:`onedc.evaluation.evaluate`; this module only picks
+atomically. The measurement itself is :func:`onedc.eval.evaluate`; this module only picks
 the held-out photos' rows, adds the VAE-only line and draws the grid.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _mean(values: Sequence[float | None]) -> float | None:
 @torch.no_grad()
 def vae_only(codec: Any, image: Tensor) -> Tensor:
     """``image`` (3, H, W) in [-1, 1] through the bundle's VAE alone (padded as coding pads), uint8."""
-    from onedc.evaluation import to_uint8
+    from onedc.eval import to_uint8
 
     height, width = image.shape[-2:]
     multiple = 64
@@ -111,9 +111,9 @@ def write_report(ckpts: Mapping[str, str | Path], images: Sequence[str | Path], 
     at the last stage's bpp, as :data:`GRID_CROP` px centre crops.
     """
     from onedc.datamodules.image_folder import load_image
-    from onedc.evaluation import (checkpoint_labels, evaluate, ms_ssim_uint8, pillow_decode, pillow_encode, psnr_uint8,
+    from onedc.eval import (checkpoint_labels, evaluate, ms_ssim_uint8, pillow_decode, pillow_encode, psnr_uint8,
                                   to_uint8)
-    from onedc.inference import OneDCCodec
+    from onedc.coding.bundle import OneDCCodec
     from onedc.io import atomic_write_bytes, atomic_write_text
 
     out_dir = Path(out_dir)

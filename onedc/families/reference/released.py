@@ -1,4 +1,4 @@
-"""Import the authors' released OneDC checkpoint (REFERENCE.md §2) into an onedc checkpoint.
+"""The one home of the authors' released OneDC files (REFERENCE.md §2): key layouts, LoRA merge, import.
 
 ::
 
@@ -26,16 +26,19 @@ from torch import Tensor, nn
 
 from onedc.errors import WeightsError
 from onedc.io import atomic_write, atomic_write_bytes
+from onedc.modules.fsq import FSQ
+from onedc.modules.reference.codec import ReferenceCodec
 from onedc.modules.reference.generator import (
+    LORA_ADAPTER,
     LORA_ALPHA,
     LORA_RANK,
+    MODULE_UNET_PREFIX,
+    MODULE_XT_PREFIX,
+    RELEASED_XT_PREFIX,
     build_reference_generator,
-    merge_lora_state_dict,
-    module_to_released_keys,
-    released_to_module_keys,
 )
 from onedc.modules.reference.vae import SD21_VAE_CONFIG
-from onedc.modules.state_dict_files import check_state_dict, read_state_dict
+from onedc.modules.state_dict_files import check_state_dict, load_state_dict_file, read_state_dict
 from onedc.modules.weights import diffusers_model_dir
 
 GENERATOR_FILE = "model.safetensors"
@@ -46,7 +49,7 @@ RELEASED_FORMAT = ("the released OneDC checkpoint folder (model.safetensors = fe
 VAE_FORMAT = "the SD-2.1 VAE (stabilityai/stable-diffusion-2-1, subfolder vae: a diffusers AutoencoderKL dir)"
 # Names diffusers' old AttentionBlock used for the VAE mid attention; hub VAE files still carry them.
 _DEPRECATED_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
-# Bundle prefixes of the onedc checkpoint (onedc.inference.BUNDLE_PARTS; FrozenVAE holds `autoencoder`).
+# Bundle prefixes of the onedc checkpoint (onedc.families.BUNDLE_PARTS; FrozenVAE holds `autoencoder`).
 VAE_PREFIX, CODEC_PREFIX, GENERATOR_PREFIX = "vae.autoencoder.", "codec.", "generator."
 
 
@@ -110,8 +113,6 @@ def released_generator_shapes(architecture: ReferenceArchitecture) -> dict[str, 
 
 def released_codec_shapes(architecture: ReferenceArchitecture) -> dict[str, torch.Size]:
     """Key -> shape of ``model_1.safetensors`` for ``architecture`` (779 keys at full size)."""
-    from onedc.modules.reference.codec import ReferenceCodec
-
     with torch.device("meta"):
         return _shapes(ReferenceCodec(**architecture.codec))
 
@@ -185,7 +186,6 @@ def read_vae_dir(vae_dir: str | Path, shapes: Mapping[str, torch.Size]) -> dict[
 
 def read_released_codec(path: str | Path, architecture: ReferenceArchitecture) -> dict[str, Tensor]:
     """The tensors of ``model_1.safetensors``, strictly checked by the codec's own released-file loader."""
-    from onedc.modules.reference.released import load_released_codec
 
     return _float32(load_released_codec(path, **architecture.codec).state_dict())
 
@@ -224,7 +224,7 @@ def reference_checkpoint(weights: ReferenceWeights, model_config: Mapping[str, A
     ``model_config`` is the ``model`` node (as a plain dict) that rebuilds these modules; it is
     stored as the finished (finetune-stage) model so a later stage accepts it as ``init_from``.
     """
-    from onedc.checkpoints import CHECKPOINT_FORMAT
+    from onedc.coding.checkpoints import CHECKPOINT_FORMAT
 
     meta = {"format": CHECKPOINT_FORMAT, "stage": "finetune", "model": dict(model_config), "tokenizer": {},
             "imported_from": str(source) if source is not None else None}
@@ -257,10 +257,92 @@ def save_released_checkpoint(generator: nn.Module, codec: nn.Module, folder: str
     """
     from safetensors.torch import save
 
-    from onedc.modules.reference.released import save_released_codec
 
     folder = Path(folder)
     state = module_to_released_keys(generator.state_dict())
     atomic_write_bytes(folder / GENERATOR_FILE, save({k: v.detach().cpu().contiguous() for k, v in state.items()}))
     save_released_codec(codec, folder / CODEC_FILE)
     return folder
+
+
+# --------------------------------------------------------------------------- generator key layout (model.safetensors)
+def released_to_module_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``model.safetensors`` keys -> :class:`ReferenceGenerator` state-dict keys (same tensors)."""
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(RELEASED_XT_PREFIX):
+            out[MODULE_XT_PREFIX + key[len(RELEASED_XT_PREFIX):]] = value
+        else:
+            out[MODULE_UNET_PREFIX + key] = value
+    return out
+
+
+def module_to_released_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """:class:`ReferenceGenerator` state-dict keys -> ``model.safetensors`` keys (inverse of the above)."""
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(MODULE_XT_PREFIX):
+            out[RELEASED_XT_PREFIX + key[len(MODULE_XT_PREFIX):]] = value
+        elif key.startswith(MODULE_UNET_PREFIX):
+            out[key[len(MODULE_UNET_PREFIX):]] = value
+        else:
+            raise KeyError(f"'{key}' is neither a unet. nor a to_xt. key of the reference generator")
+    return out
+
+
+def merge_lora_state_dict(state: Mapping[str, Tensor], scale: float = LORA_ALPHA / LORA_RANK,
+                          adapter: str = LORA_ADAPTER) -> dict[str, Tensor]:
+    """Fold every LoRA pair into its base layer: W' = W + scale·B·A, computed in float64 (§5.1).
+
+    Works on either key layout: ``<m>.base_layer.{weight,bias}`` + ``<m>.lora_{A,B}.<adapter>.weight``
+    become ``<m>.{weight,bias}``; other keys pass through. For convs, B is 1x1 and A has the base
+    kernel, so B·A is ``B[:, :, 0, 0] @ A.reshape(r, -1)`` reshaped to the base kernel. The result
+    is the float32 value nearest the exact sum, and loads into a generator built with ``lora=False``.
+    """
+    a_suffix, b_suffix = f".lora_A.{adapter}.weight", f".lora_B.{adapter}.weight"
+    merged: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key.endswith((a_suffix, b_suffix)):
+            continue
+        if ".base_layer." not in key:
+            merged[key] = value
+            continue
+        module, _, leaf = key.rpartition(".base_layer.")
+        if leaf == "weight":
+            down, up = state[module + a_suffix], state[module + b_suffix]
+            delta = up.double().reshape(up.shape[0], -1) @ down.double().reshape(down.shape[0], -1)
+            value = (value.double() + scale * delta.reshape(value.shape)).to(value.dtype)
+        merged[f"{module}.{leaf}"] = value
+    return merged
+
+
+# --------------------------------------------------------------------------- codec file (model_1.safetensors)
+_WHAT = "the OneDC reference codec (IntraNoAR)"
+_EXPECTED = f"the authors' {CODEC_FILE} (779 keys, REFERENCE.md §2) or a file written by save_released_codec"
+
+
+def load_released_codec(path: str | Path, codec: ReferenceCodec | None = None, **sizes: Any) -> ReferenceCodec:
+    """Load the authors' ``model_1.safetensors`` (or a file in its layout) into a codec, strictly.
+
+    ``codec`` must have the file's sizes. Without one, a :class:`ReferenceCodec` of ``sizes``
+    (its constructor kwargs; none = the released full size) is built on the meta device and
+    takes the file's tensors (cast to float32) instead of a 1.6 GB random init. Any missing, unexpected or mis-shaped key raises one ``WeightsError`` line.
+    """
+    if codec is not None:
+        if sizes:
+            raise TypeError("pass either a codec or its sizes, not both")
+        load_state_dict_file(codec, path, what=_WHAT, expected=_EXPECTED)
+        return codec
+    with torch.device("meta"):
+        codec = ReferenceCodec(**sizes)
+    load_state_dict_file(codec, path, what=_WHAT, expected=_EXPECTED)
+    codec.fsq = FSQ(list(codec.config["z_fsq_levels"]))  # its derived, non-persistent buffers were on meta
+    return codec
+
+
+def save_released_codec(codec: ReferenceCodec, path: str | Path) -> Path:
+    """Write ``codec``'s weights in the released layout (bare keys, safetensors), atomically."""
+    from safetensors.torch import save
+
+    state = {key: value.detach().cpu().contiguous() for key, value in codec.state_dict().items()}
+    return atomic_write_bytes(path, save(state))

@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from onedc.checkpoints import newest_fallback, read_checkpoint
+from onedc.coding.checkpoints import read_checkpoint
 from onedc.errors import CheckpointError, ConfigError
 from onedc.io import atomic_write_text
-from onedc.modules.coding_tables import fit_cdf_buffers
+from onedc.training.config import to_dict
 
 log = logging.getLogger("onedc")
 
@@ -58,7 +58,7 @@ def _rank() -> int:
 
 
 # --------------------------------------------------------------------------- checkpoints
-# Reading checkpoint files lives in onedc.checkpoints (read_checkpoint and newest_fallback stay
+# Reading checkpoint files lives in onedc.coding.checkpoints (read_checkpoint and newest_fallback stay
 # importable from here).
 
 
@@ -104,17 +104,11 @@ def start_fresh_generator(module: torch.nn.Module, cfg: DictConfig, loaded: list
     generator = getattr(module, "generator", None)
     if mode is None or generator is None or any(k.startswith("generator.") for k in loaded):
         return False
-    if mode != "residual":
-        raise ConfigError(f"model.generator.init must be null or 'residual', got {mode!r}")
-    head = getattr(getattr(module, "codec", None), "to_latent", None)
-    if head is None or not hasattr(generator, "start_from_latent_head"):
-        raise ConfigError(f"model.generator.init=residual needs the light codec's latent head and OneStepGenerator; "
-                          f"model={cfg.model.name} has neither: set model.generator.init=null")
     try:
-        generator.start_from_latent_head(head)
+        module.family.start_generator(generator, module.codec, str(mode))
     except ValueError as err:
-        raise ConfigError(f"model.generator.init=residual: {err}") from None
-    log.info("generator starts from the codec's light latent reconstruction (model.generator.init=residual)")
+        raise ConfigError(f"model.generator.init={mode} (model={cfg.model.name}): {err}") from None
+    log.info("generator starts by model.generator.init=%s", mode)
     return True
 
 
@@ -122,16 +116,14 @@ def load_init_weights(module: torch.nn.Module, path: str | Path, cfg: DictConfig
                       prefixes: tuple[str, ...] | None = None) -> dict[str, list[str]]:
     """Initialise ``module``'s parts named by ``prefixes`` from a checkpoint (weights only).
 
-    ``prefixes`` defaults to the codec and the generator, plus the VAE for ``family: reference``:
-    its preset names no VAE dir, and the checkpoint (``onedc import-reference`` or a stage's)
-    carries the SD-2.1 VAE its codec works with. Keys are matched by name; missing and unexpected
+    ``prefixes`` defaults to the family's ``init_prefixes`` (codec and generator; the published
+    model adds the VAE, which its preset names no dir for and its checkpoints carry). Keys are matched by name; missing and unexpected
     keys are reported by name (log + return), never ignored silently. Shape mismatches mean a
     different model config: CheckpointError.
     """
-    from onedc.modules.spec_builders import is_reference
-
+    family = module.family
     if prefixes is None:
-        prefixes = ("codec.", "generator.") + (("vae.",) if is_reference(cfg.model) else ())
+        prefixes = family.init_prefixes(to_dict(cfg.model))
     path = Path(path)
     checkpoint = read_checkpoint(path)
     check_identity(checkpoint, cfg, path, compare_tokenizer=False)
@@ -142,21 +134,19 @@ def load_init_weights(module: torch.nn.Module, path: str | Path, cfg: DictConfig
                               "quick-train cache or pretrained dir): its codec expects that VAE's latents. Use the "
                               "VAE it was trained with, or start again from stage=distill")
     state = checkpoint["state_dict"]
-    own = module.state_dict()
     wanted = {k: v for k, v in state.items() if k.startswith(prefixes)}
+    if "codec" in module._modules:
+        family.fit_init_state(module.codec, "codec.", wanted)  # e.g. CDF tables, sized by update()
+    own = module.state_dict()
     present_prefixes = {k.split(".", 1)[0] + "." for k in wanted}
     expected = {k for k in own if k.startswith(tuple(present_prefixes))}
     missing = sorted(expected - set(wanted))
     unexpected = sorted(k for k in wanted if k not in own)
     for key in sorted(set(wanted) & set(own)):
-        if wanted[key].shape != own[key].shape and "gaussian_conditional" not in key:
+        if wanted[key].shape != own[key].shape:
             raise CheckpointError(f"{path}: '{key}' has shape {tuple(wanted[key].shape)}, the model expects "
                                   f"{tuple(own[key].shape)}: the checkpoint is from a different model config")
     loadable = {k: v for k, v in wanted.items() if k in own}
-    codec = getattr(module, "codec", None)
-    if codec is not None and any(k.startswith("codec.gaussian_conditional.") for k in loadable):
-        # CDF tables are sized by update(): resize before loading (the reference codec's are fixed, never saved)
-        fit_cdf_buffers(codec.gaussian_conditional, "codec.gaussian_conditional", loadable)
     module.load_state_dict(loadable, strict=False)
     if missing:
         log.warning("init_from %s: %d missing keys (left as initialised): %s", path, len(missing), ", ".join(missing[:20]))
@@ -281,7 +271,7 @@ def run_stage(cfg: DictConfig, stage_cfg: DictConfig, init_from: str | Path | No
     """Train one stage to ``max_steps``: fresh, initialised from ``init_from``, or resumed."""
     import lightning.pytorch as pl
 
-    from onedc.build import build_datamodule, build_stage
+    from onedc.training.build import build_datamodule, build_stage
 
     name = str(stage_cfg.name)
     sdir = stage_dir(cfg, name)
@@ -331,7 +321,7 @@ def run_stage(cfg: DictConfig, stage_cfg: DictConfig, init_from: str | Path | No
 
 def preflight(cfg: DictConfig, stages: list[DictConfig]) -> None:
     """Fail before any training if a later stage's weights are missing (not hours into the chain)."""
-    from onedc.build import build_perceptual_loss
+    from onedc.training.build import build_perceptual_loss
 
     for stage_cfg in stages:
         if str(stage_cfg.name) == "finetune" and float(stage_cfg.lpips_weight) > 0:
@@ -356,8 +346,8 @@ def run(cfg: DictConfig) -> list[StageResult]:
 
 def report(cfg: DictConfig, results: list[StageResult]) -> Path | None:
     """Write ``<run_dir>/report/`` for the chain's final checkpoints on the validation photos."""
-    from onedc.build import build_datamodule
-    from onedc.report import write_report
+    from onedc.training.build import build_datamodule
+    from onedc.training.report import write_report
 
     data = build_datamodule(cfg.data, seed=int(cfg.seed))
     data.setup()

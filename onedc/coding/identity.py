@@ -1,7 +1,7 @@
 """The 16-byte model identity every ``.onedc`` file carries.
 
 It is a SHA-256 over everything that decides what the decoder outputs: the decoder-side weights
-(:data:`DECODER_PREFIXES`), the coding tables, the FSQ levels, the VAE scaling and the generator
+(the family's ``decoder_prefixes()``), the coding tables, the FSQ levels, the VAE scaling and the generator
 settings. A file decoded with another model therefore fails with ``ModelMismatchError`` instead
 of producing a wrong picture. Plain tensors and dicts in, bytes out (layer 1 of
 docs/architecture.md).
@@ -16,41 +16,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from onedc.bitstream import MODEL_ID_BYTES
-
-# State-dict prefixes (stage checkpoint naming, see onedc.stages.common) of everything the
-# decoder runs. Encoder-only weights (VAE encoder, g_a, h_a) are left out on purpose: retraining
-# only the encoder side keeps old files decodable, and the id says so.
-DECODER_PREFIXES: tuple[str, ...] = (
-    "vae.autoencoder.decoder.",
-    "vae.autoencoder.post_quant_conv.",
-    "codec.h_s.",
-    "codec.entropy_parameters.",
-    "codec.h_sem.",
-    "codec.token_norm.",
-    "codec.g_s.",
-    "codec.to_latent.",
-    "codec.gaussian_conditional.",
-    # the reference codec (onedc.modules.reference): h_s, prior fusion, context model, S, g_s
-    "codec.hyper_dec.",
-    "codec.y_prior_fusion.",
-    "codec.y_spatial_prior",
-    "codec.semantic_adaptor.",
-    "codec.dec.",
-    "generator.",
-)
+from onedc.coding.bitstream import MODEL_ID_BYTES
 
 
-def model_identity(state_dict: Mapping[str, Tensor], settings: Mapping[str, Any] | None = None) -> bytes:
+def model_identity(state_dict: Mapping[str, Tensor], settings: Mapping[str, Any] | None,
+                   decoder_prefixes: tuple[str, ...]) -> bytes:
     """First 16 bytes of SHA-256 over the decoder-side tensors of ``state_dict`` and ``settings``.
 
     ``state_dict`` is the bundle's prefixed state dict (``vae.*``, ``codec.*``, ``generator.*``);
-    only keys under :data:`DECODER_PREFIXES` count. Each tensor contributes its name, dtype,
+    only keys under ``decoder_prefixes`` count
+    (:meth:`onedc.families.ModelFamily.decoder_prefixes`: encoder-only weights are left out on purpose,
+    so retraining only the encoder side keeps old files decodable). Each tensor contributes its name, dtype,
     shape and raw bytes, in sorted key order, so the id depends on values only (not on device,
     memory layout or dict order). ``settings`` (JSON-serialisable, e.g. FSQ levels) is hashed too.
     """
     digest = hashlib.sha256()
-    for key in sorted(k for k in state_dict if k.startswith(DECODER_PREFIXES)):
+    for key in sorted(k for k in state_dict if k.startswith(tuple(decoder_prefixes))):
         tensor = state_dict[key].detach().cpu().contiguous()
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         # A flat uint8 view gives the raw bytes of any dtype (bf16 included, which numpy lacks).

@@ -10,44 +10,46 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig
 
-from onedc.config import to_dict
+from onedc.training.config import to_dict
 from onedc.errors import ConfigError
-from onedc.modules import spec_builders
+from onedc.families import ModelFamily, family_of
 
 
 def _plain(node: DictConfig | dict) -> dict:
     return to_dict(node) if isinstance(node, DictConfig) else dict(node)
 
 
-def build_vae(model_cfg: DictConfig | dict, device: str | torch.device | None = None, quick_train: bool = False):
+def family(model_cfg: DictConfig | dict) -> ModelFamily:
+    """The model family of ``model=`` (``model.family``: light or reference)."""
+    return family_of(_plain(model_cfg))
+
+
+def vae_from_config(model_cfg: DictConfig | dict, device: str | torch.device | None = None, quick_train: bool = False):
     """The frozen VAE of ``model.vae`` (a model config node or the dict stored in a checkpoint).
 
     ``quick_train=True`` (the training stages) applies ``model.vae.quick_train`` to a random VAE;
     everything that loads checkpoints keeps the default: they hold all VAE weights, so a machine
     with an empty cache decodes without training anything.
     """
-    return spec_builders.build_vae(_plain(model_cfg), device=device, quick_train=quick_train)
+    return family(model_cfg).build_vae(_plain(model_cfg), device=device, quick_train=quick_train)
 
 
-def build_codec(model_cfg: DictConfig | dict, vae_channels: int = 4):
-    """The ``HyperpriorCodec`` of ``model.codec`` (random init; weights come from checkpoints).
+def codec_from_config(model_cfg: DictConfig | dict, vae_channels: int = 4):
+    """The codec of ``model.codec`` (random init; weights come from checkpoints), built by its family."""
+    return family(model_cfg).build_codec(_plain(model_cfg), vae_channels)
 
-    See :func:`onedc.modules.spec_builders.build_codec` (which checkpoints are rebuilt with too).
+
+def generator_from_config(model_cfg: DictConfig | dict, device: str | torch.device | None = None):
+    """The one-step generator of ``model.generator``, built by its family.
+
+    For the light family its conv_in input and cross-attention width come from ``model.codec``
+    (gs_channels, token_dim); see :func:`onedc.families.light.generator_kwargs`.
     """
-    return spec_builders.build_codec(_plain(model_cfg), vae_channels)
-
-
-def build_generator(model_cfg: DictConfig | dict, device: str | torch.device | None = None):
-    """The ``OneStepGenerator`` of ``model.generator`` (a model config node or the dict stored in a checkpoint).
-
-    Its conv_in input and cross-attention width come from ``model.codec`` (gs_channels, token_dim);
-    see :func:`onedc.model_spec.generator_kwargs`.
-    """
-    return spec_builders.build_generator(_plain(model_cfg), device=device)
+    return family(model_cfg).build_generator(_plain(model_cfg), device=device)
 
 
 def teacher_kwargs(tokenizer_cfg: DictConfig) -> dict[str, Any]:
-    """Keyword arguments of ``build_teacher`` from a ``tokenizer=`` config."""
+    """Keyword arguments of :func:`onedc.modules.teachers.build_teacher` from a ``tokenizer=`` config."""
     cfg = to_dict(tokenizer_cfg)
     kwargs: dict[str, Any] = {
         "pretrained": cfg.get("pretrained"),
@@ -60,7 +62,7 @@ def teacher_kwargs(tokenizer_cfg: DictConfig) -> dict[str, Any]:
     return kwargs
 
 
-def build_teacher(tokenizer_cfg: DictConfig, device: str | torch.device | None = None, allow_random: bool = True):
+def teacher_from_config(tokenizer_cfg: DictConfig, device: str | torch.device | None = None, allow_random: bool = True):
     """The frozen teacher of ``tokenizer=``."""
     from onedc.modules.teachers import build_teacher as _build
 
@@ -124,26 +126,21 @@ def identity(cfg: DictConfig, stage_cfg: DictConfig, teacher=None, vae=None):
     return ModelIdentity(model=model, tokenizer=tokenizer, stage=str(stage_cfg.name))
 
 
-def _semantic_width(codec) -> int:
-    """Width of a built codec's semantic map (the distillation head's input): the reference's S, the light tokens."""
-    config = codec.config
-    return int(config["semantic_ch"] if "semantic_ch" in config else config["token_dim"])
-
-
 def _build_distill(cfg: DictConfig, stage_cfg: DictConfig):
-    """Stage 1. The published OneDC (``family: reference``) has no light latent head: its codec distils
-    jointly with the one-step generator (REFERENCE.md §10.1), which v̂ then comes from."""
+    """Stage 1. A family that ``distills_with_generator`` (the published OneDC: no light latent head)
+    trains its codec jointly with the one-step generator (REFERENCE.md §10.1), which v̂ then comes from."""
     from onedc.stages.distill import DistillStage
 
-    if spec_builders.is_reference(cfg.model):
+    model_family = family(cfg.model)
+    if model_family.distills_with_generator:
         vae, codec, generator = _vae_codec_generator(cfg)
     else:
-        vae = build_vae(cfg.model, quick_train=True)
-        codec, generator = build_codec(cfg.model, vae.latent_channels), None
-    teacher = build_teacher(cfg.tokenizer)
-    distill = build_distill_loss(cfg.tokenizer, cfg.model, teacher, in_channels=_semantic_width(codec))
+        vae = vae_from_config(cfg.model, quick_train=True)
+        codec, generator = codec_from_config(cfg.model, vae.latent_channels), None
+    teacher = teacher_from_config(cfg.tokenizer)
+    distill = build_distill_loss(cfg.tokenizer, cfg.model, teacher, in_channels=model_family.semantic_width(codec))
     return DistillStage(
-        vae=vae, codec=codec, teacher=teacher, distill=distill, optimizer=optimizer_spec(stage_cfg),
+        family=model_family, vae=vae, codec=codec, teacher=teacher, distill=distill, optimizer=optimizer_spec(stage_cfg),
         identity=identity(cfg, stage_cfg, teacher, vae), lmbda=float(stage_cfg.lmbda),
         lmbda_warmup_steps=int(stage_cfg.lmbda_warmup_steps), distill_weight=float(stage_cfg.distill_weight),
         latent_weight=float(stage_cfg.latent_weight), generator=generator,
@@ -153,12 +150,11 @@ def _build_distill(cfg: DictConfig, stage_cfg: DictConfig):
 def _vae_codec_generator(cfg: DictConfig):
     """The VAE, codec and one-step generator of ``cfg.model`` (stages 2 and 3), checked to fit together.
 
-    For ``family: reference`` these are the published OneDC's VAE, ``CodingReferenceCodec`` and
-    ``ReferenceGenerator`` (LoRA on the 14 target types when ``model.generator.lora`` is set).
+    Each is built by the model's family (:mod:`onedc.families`).
     """
-    vae = build_vae(cfg.model, quick_train=True)
-    codec = build_codec(cfg.model, vae.latent_channels)
-    generator = build_generator(cfg.model)
+    vae = vae_from_config(cfg.model, quick_train=True)
+    codec = codec_from_config(cfg.model, vae.latent_channels)
+    generator = generator_from_config(cfg.model)
     if generator.latent_channels != vae.latent_channels:
         raise ConfigError(f"the UNet outputs {generator.latent_channels} channels but the VAE latent has "
                           f"{vae.latent_channels}: set model.generator.unet.out_channels={vae.latent_channels}")
@@ -172,7 +168,7 @@ def _build_latent(cfg: DictConfig, stage_cfg: DictConfig):
     ema = stage_cfg.get("ema_decay")
     images = stage_cfg.get("image_every_n_steps")
     return LatentStage(
-        vae=vae, codec=codec, generator=generator, optimizer=optimizer_spec(stage_cfg),
+        family=family(cfg.model), vae=vae, codec=codec, generator=generator, optimizer=optimizer_spec(stage_cfg),
         identity=identity(cfg, stage_cfg, vae=vae), train_codec=bool(stage_cfg.train_codec),
         lmbda=float(stage_cfg.lmbda),
         latent_loss=str(stage_cfg.latent_loss), ema_decay=None if ema is None else float(ema),
@@ -223,7 +219,7 @@ def _build_finetune(cfg: DictConfig, stage_cfg: DictConfig):
     ema = stage_cfg.get("ema_decay")
     images = stage_cfg.get("image_every_n_steps")
     return FinetuneStage(
-        vae=vae, codec=codec, generator=generator, discriminator=discriminator, perceptual=perceptual,
+        family=family(cfg.model), vae=vae, codec=codec, generator=generator, discriminator=discriminator, perceptual=perceptual,
         gan_loss=build_gan_loss(str(stage_cfg.gan_loss)), optimizer=optimizer_spec(stage_cfg),
         disc_optimizer=disc_optimizer, identity=identity(cfg, stage_cfg, vae=vae),
         train_codec=bool(stage_cfg.train_codec),

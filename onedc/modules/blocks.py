@@ -20,12 +20,13 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-#: GroupNorm of the VQGAN-style blocks (RB*, Attn*): 32 groups, eps 1e-6 (§3).
-_GROUPS, _EPS = 32, 1e-6
+def group_norm(channels: int, groups: int = 32, eps: float = 1e-6) -> nn.GroupNorm:
+    """The one GroupNorm of onedc: ``gcd(groups, channels)`` groups, so any width works.
 
-
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(_GROUPS, channels, eps=_EPS, affine=True)
+    The VQGAN-style blocks (RB*, Attn*) use 32 groups and eps 1e-6 (§3; their widths are
+    multiples of 32); the critics use eps 1e-5 (PyTorch's default).
+    """
+    return nn.GroupNorm(math.gcd(int(groups), int(channels)), channels, eps=eps, affine=True)
 
 
 class VQGANResnetBlock(nn.Module):
@@ -39,9 +40,9 @@ class VQGANResnetBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int | None = None) -> None:
         super().__init__()
         out_ch = in_ch if out_ch is None else out_ch
-        self.norm1 = _group_norm(in_ch)
+        self.norm1 = group_norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, 1, 1, bias=False)
-        self.norm2 = _group_norm(out_ch)
+        self.norm2 = group_norm(out_ch)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
         self.nin_shortcut = nn.Conv2d(out_ch, out_ch, 1, bias=False) if in_ch != out_ch else None
 
@@ -58,7 +59,7 @@ class ConvSelfAttention(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.norm = _group_norm(channels)
+        self.norm = group_norm(channels)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)

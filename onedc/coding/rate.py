@@ -15,18 +15,14 @@ term of training pays for. The estimate is each codec family's own, through one 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
-import torch
-
-from onedc.bitstream import decode_container
-from onedc.images import load_image
-
-if TYPE_CHECKING:
-    from onedc.inference import OneDCCodec
+from onedc.coding.bitstream import decode_container
+from onedc.coding.bundle import OneDCCodec
+from onedc.coding.images import load_image
 
 
-def rate_table(codec: "OneDCCodec", paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+def rate_table(codec: OneDCCodec, paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     """Real vs. estimated rate of each image in ``paths``: one dict per image.
 
     Real bits come from the ``.onedc`` bytes (whole file, and payload = file minus the
@@ -37,14 +33,8 @@ def rate_table(codec: "OneDCCodec", paths: Iterable[str | Path]) -> list[dict[st
     rows = []
     for path in paths:
         path = Path(path)
-        padded, size = codec._prepare(load_image(path))
-        with torch.no_grad():
-            v = codec.vae.encode(padded)  # one VAE pass for both: the estimate sees what is coded
-            data = codec._compress_prepared(padded, v, size)[0]
-            out = codec.codec(padded, v)
+        data, est_total, est_z = codec.compress_with_estimate(load_image(path))
         header = decode_container(data)
-        est_z = float(codec.codec.z_bits_per_image(out.z_hat.shape[-2:]))
-        est_total = float(codec.codec.rate_bits(out)[0])
         pixels = header.height * header.width
         payload_bits = header.payload_size * 8
         rows.append({

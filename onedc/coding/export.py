@@ -3,17 +3,17 @@
 The file holds only what decoding and encoding need, the ``vae.``, ``codec.`` and ``generator.``
 tensors (the codec's rANS tables included), with the model config as JSON in the safetensors
 metadata. No teacher, predictor head, discriminator, optimiser state or EMA copy: it is the
-file to ship. :class:`onedc.inference.OneDCCodec` loads it like a checkpoint (by suffix; the reader is
-:func:`onedc.checkpoints.read_exported`).
+file to ship. :class:`onedc.coding.bundle.OneDCCodec` loads it like a checkpoint (by suffix; the reader is
+:func:`onedc.coding.checkpoints.read_exported`).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from onedc.checkpoints import EXPORT_FORMAT, read_exported, read_weights
+from onedc.coding.checkpoints import EXPORT_FORMAT, read_exported, read_weights
 from onedc.errors import CheckpointError
-from onedc.inference import OneDCCodec
+from onedc.coding.bundle import OneDCCodec
 from onedc.io import atomic_write_bytes
 
 __all__ = ["EXPORT_FORMAT", "KEEP_PREFIXES", "export_inference_weights", "read_exported"]

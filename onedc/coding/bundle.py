@@ -1,0 +1,354 @@
+"""Inference bundle: a trained OneDC model that turns images into ``.onedc`` files and back.
+
+::
+
+    compress_image:    x (3,H,W) ─pad to 64─> VAE enc ─> v ─┐
+                       x_padded ────────────────────────────┴─> codec.compress ─> z, y streams
+                       streams + sizes + model id ─> encode_container ─> bytes
+    decompress_bytes:  bytes ─> decode_container (magic, version, CRCs, model id)
+                       ─> codec.decompress ─> ŷ, ẑ, features, tokens
+                       ─> _latent_from: generator(features, tokens) | light latent_hat (stage 1)
+                       ─> VAE dec ─> clamp [-1,1] ─> crop to (H, W)
+
+Every file carries the bundle's model identity (:mod:`onedc.coding.identity`), so a file decoded
+with another model fails with ``ModelMismatchError`` instead of producing a wrong picture.
+Weights are read by :mod:`onedc.coding.checkpoints` and the parts rebuilt from their model config
+by the model's family (:mod:`onedc.families`: ``model.family`` light or reference), which also
+names the decoder-side weights of the model identity and bounds the y stream. Coding layer of
+docs/architecture.md.
+
+Exactness: the decoder recomputes the integer coding decisions of ŷ (rANS table and mean of
+every symbol) from ẑ with the encoder's network, in float64 outside autocast, and takes the few
+decisions that lie near a boundary from the file's fix list (``onedc.modules.decisions``). A file
+therefore decodes to the same ŷ, bit for bit, on any CPU or GPU, thread count, batch size and
+memory layout, with the rest of the model in bf16 or not; the file's decision checksum turns
+any disagreement into :class:`~onedc.errors.CodingMismatchError`. Format-1 files (float32
+decisions) are still read, on the kind of machine that wrote them.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from onedc.coding.bitstream import MAX_PADDED_PIXELS, MAX_SIDE, Container, decode_container, encode_container
+from onedc.coding.checkpoints import read_weights
+from onedc.errors import BitstreamError, CheckpointError, CodingMismatchError, OneDCError
+from onedc.coding.identity import model_identity
+from onedc.families import FamilyCodec, ModelFamily, family_of, generator_settings, load_part, split_parts, weights_only_config
+from onedc.modules.coding_tables import tables_missing
+from onedc.modules.streams import DecodedLatents, pad_to_multiple
+
+__all__ = ["DecodedImage", "OneDCCodec"]
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """The result of :meth:`OneDCCodec.decompress_bytes`.
+
+    ``image`` is (3, H, W) in [-1, 1] at the original size; ``y_hat`` (1, M, H'/16, W'/16),
+    ``z_hat`` (1, d, H'/64, W'/64) and ``latent`` (1, C, H'/8, W'/8) are on the padded grid
+    (H', W'), exactly as the decoder computed them; ``header`` is the parsed container.
+    """
+
+    image: Tensor
+    y_hat: Tensor
+    z_hat: Tensor
+    latent: Tensor
+    header: Container
+
+
+# --------------------------------------------------------------------------- the bundle
+class OneDCCodec(nn.Module):
+    """A trained OneDC model for coding files: frozen VAE + hyperprior codec (+ one-step generator).
+
+    Build it with :meth:`from_checkpoint` (stage checkpoints now, exported weights later) or
+    :meth:`from_config` (random weights, for tests and benchmarks). Everything runs in eval mode
+    without gradients. Submodule names match the stage checkpoints (``vae``, ``codec``,
+    ``generator``), so ``state_dict()`` has the same prefixes.
+    """
+
+    def __init__(self, vae: nn.Module, codec: FamilyCodec, generator: nn.Module | None = None,
+                 generator_settings: Mapping[str, Any] | None = None, family: ModelFamily | None = None) -> None:
+        super().__init__()
+        #: the model family that built the codec (light by default): identity prefixes, stream bounds
+        self.family = family or family_of({})
+        self.vae = vae
+        self.codec = codec
+        self.generator = generator
+        self.generator_settings = dict(generator_settings or {})
+        if tables_missing(codec):
+            codec.update(force=True)
+        self.requires_grad_(False)
+        self.eval()
+        self._model_id: bytes | None = None
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> "OneDCCodec":
+        """Load the inference bundle from a checkpoint file or folder, on ``device``.
+
+        The reader is chosen by suffix from :data:`CHECKPOINT_READERS` (``.ckpt``: a stage
+        checkpoint with its ``onedc`` metadata); folders and unknown suffixes are read as stage
+        checkpoints. The VAE, codec and (if the checkpoint has one) generator are rebuilt from
+        the stored model config and loaded strictly; training-only weights are ignored. Any
+        problem raises :class:`~onedc.errors.CheckpointError` naming the file.
+        """
+        loaded = read_weights(path)
+        return cls.from_weights(loaded.model_config, loaded.state_dict, device=device, source=Path(path))
+
+    @classmethod
+    def from_weights(cls, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor],
+                     device: str | torch.device = "cpu", source: str | Path = "<weights>") -> "OneDCCodec":
+        """Rebuild the bundle from a model config dict and a prefixed state dict (``vae.*``, ...)."""
+        device = _check_device(device)
+        source = Path(source)
+        model_config = weights_only_config(model_config)
+        family = family_of(model_config)
+        parts = split_parts(state_dict)
+        try:
+            vae = family.build_vae(model_config)
+            codec = family.build_codec(model_config, vae.latent_channels)
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{source}: its model config cannot build the VAE/codec "
+                                  f"({type(err).__name__}: {err})") from err
+        load_part("vae", vae, parts["vae"], source)
+        family.load_codec(codec, parts["codec"], source)
+        generator, settings = None, {}
+        if parts["generator"]:
+            try:
+                generator = family.build_generator(model_config)
+            except (KeyError, TypeError, ValueError) as err:
+                raise CheckpointError(f"{source}: its model config cannot build the generator "
+                                      f"({type(err).__name__}: {err})") from err
+            load_part("generator", generator, parts["generator"], source)
+            settings = generator_settings(model_config)
+        return cls(vae, codec, generator, generator_settings=settings, family=family).to(device)
+
+    @classmethod
+    def from_modules(cls, vae: nn.Module, codec: FamilyCodec, generator: nn.Module | None = None,
+                     model_config: Mapping[str, Any] | None = None, copy_trainable: bool = True) -> "OneDCCodec":
+        """A bundle over modules that live elsewhere (a training run), leaving them undisturbed.
+
+        The bundle puts its parts in eval mode without gradients and rebuilds the codec's rANS
+        tables, so with ``copy_trainable`` (the default) every part that is in training mode or
+        has a parameter with ``requires_grad`` is deep-copied first (a snapshot of the current
+        weights); frozen eval-mode parts (the VAE, a frozen codec) are shared, not copied, since
+        the bundle changes nothing in them (their tables are rebuilt from the same weights).
+        ``model_config`` (the dict a checkpoint stores) names the family and supplies the
+        generator's decode settings, so the model id equals the one of a checkpoint holding these
+        weights.
+        """
+        def snapshot(module: nn.Module | None) -> nn.Module | None:
+            if module is None or not copy_trainable:
+                return module
+            live = module.training or any(p.requires_grad for p in module.parameters())
+            return copy.deepcopy(module) if live else module
+
+        codec = snapshot(codec)
+        codec.update(force=True)  # tables of the current weights (a live codec's may be stale)
+        generator = snapshot(generator)
+        settings = generator_settings(model_config or {}) if generator is not None else {}
+        return cls(snapshot(vae), codec, generator, generator_settings=settings, family=family_of(model_config or {}))
+
+    @classmethod
+    def from_config(cls, model_config: Mapping[str, Any], device: str | torch.device = "cpu",
+                    seed: int = 0) -> "OneDCCodec":
+        """A bundle with random codec weights (VAE from its config seed), tables built: tests, benchmarks."""
+        model_config = copy.deepcopy(dict(model_config))
+        family = family_of(model_config)
+        vae = family.build_vae(model_config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            codec = family.build_codec(model_config, vae.latent_channels)
+        codec.update(force=True)
+        return cls(vae, codec, family=family).to(_check_device(device))
+
+    # ---------------------------------------------------------------- identity
+    @property
+    def model_id(self) -> bytes:
+        """The 16-byte identity written into every file (see :func:`model_identity`); cached."""
+        if self._model_id is None:
+            settings = {
+                "fsq_levels": list(self.codec.fsq.levels),
+                "vae_scaling_factor": float(getattr(self.vae, "scaling_factor", 1.0)),
+                "stride": int(self.codec.downsample),
+                "generator": self.generator_settings if self.generator is not None else None,
+            }
+            self._model_id = model_identity(self.state_dict(), settings, self.family.decoder_prefixes())
+        return self._model_id
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the bundle's weights."""
+        return next(self.codec.parameters()).device
+
+    # ---------------------------------------------------------------- coding
+    def _prepare(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """(3,H,W) image in [-1,1] -> (1,3,H',W') padded to the codec's multiple, and (H, W)."""
+        if x.ndim != 3 or x.shape[0] != 3:
+            raise ValueError(f"expected one RGB image of shape (3, H, W), got {tuple(x.shape)}")
+        height, width = int(x.shape[1]), int(x.shape[2])
+        stride = self.codec.downsample
+        padded_pixels = -(-height // stride) * stride * -(-width // stride) * stride
+        if not (1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE) or padded_pixels > MAX_PADDED_PIXELS:
+            raise OneDCError(f"image of {height}x{width} pixels is too large for a .onedc file "
+                             f"(at most {MAX_SIDE} per side and {MAX_PADDED_PIXELS} padded pixels): split it into tiles")
+        return pad_to_multiple(x[None].to(self.device, torch.float32), stride)
+
+    @torch.no_grad()
+    def quantised_forward(self, x: Tensor) -> Any:
+        """Codec forward pass (eval) on the padded image: ŷ, ẑ and likelihoods, as ``compress`` sees them.
+
+        Public for the checks that compare against what the coder codes (the reference-parity and
+        portability checks, ``benchmarks/portability.py``).
+        """
+        padded, _ = self._prepare(x)
+        return self.codec(padded, self.vae.encode(padded))
+
+    @torch.no_grad()
+    def compress_image(self, x: Tensor) -> bytes:
+        """Compress one image (3, H, W) in [-1, 1] of any size into the bytes of a ``.onedc`` file.
+
+        The image is replicate-padded to the codec's multiple (64) on the bottom/right, encoded
+        by the VAE, coded by the hyperprior codec (z fixed-length, y rANS) and wrapped in the
+        container with its original size and this model's id.
+        """
+        padded, size = self._prepare(x)
+        return self._compress_prepared(padded, self.vae.encode(padded), size)[0]
+
+    @torch.no_grad()
+    def compress_with_estimate(self, x: Tensor) -> tuple[bytes, float, float]:
+        """Compress one image and estimate its rate from the same VAE pass: (file bytes, bits, z bits).
+
+        The estimate is the family's own rate model on the eval codec pass of the padded image
+        (``codec.rate_bits`` and ``codec.z_bits_per_image``): what training pays for, against what
+        the coder wrote (:func:`onedc.coding.rate.rate_table`).
+        """
+        padded, size = self._prepare(x)
+        v = self.vae.encode(padded)  # one VAE pass for both: the estimate sees what is coded
+        data = self._compress_prepared(padded, v, size)[0]
+        out = self.codec(padded, v)
+        return data, float(self.codec.rate_bits(out)[0]), float(self.codec.z_bits_per_image(out.z_hat.shape[-2:]))
+
+    @torch.no_grad()
+    def compress_images(self, images: list[Tensor], return_y_hat: bool = False) -> list[bytes] | tuple[list[bytes], Tensor]:
+        """Compress several images of one size (3, H, W) as one batch: one ``.onedc`` file each.
+
+        The files decode like the ones :meth:`compress_image` writes (the coding decisions do not
+        depend on the batch). ``return_y_hat`` also returns the encoder's ŷ (B, M, h, w): what
+        every decoder must rebuild, bit for bit.
+        """
+        if not images:
+            return ([], torch.empty(0)) if return_y_hat else []
+        prepared = [self._prepare(x) for x in images]
+        sizes = {size for _, size in prepared}
+        if len(sizes) != 1:
+            raise OneDCError(f"compress_images needs images of one size, got {sorted(sizes)}: compress them one by one")
+        padded = torch.cat([p for p, _ in prepared])
+        files, y_hat = self._compress_prepared(padded, self.vae.encode(padded), sizes.pop(), with_y_hat=True)
+        return (files, y_hat) if return_y_hat else files
+
+    def _compress_prepared(self, padded: Tensor, v: Tensor, size: tuple[int, int], with_y_hat: bool = False):
+        """Padded images + their VAE latents -> the bytes of one file per image (and ŷ)."""
+        height, width = size
+        coded = self.codec.compress(padded, v)
+        y_strings, z_strings = coded["strings"]
+        z_height, z_width = coded["shape"]
+        files = [encode_container(Container(
+            model_id=self.model_id, height=height, width=width, stride=self.codec.downsample,
+            z_height=int(z_height), z_width=int(z_width), z_bits=self.codec.fsq.bits_per_index,
+            z_stream=z_stream, y_stream=y_stream, fix_stream=fixes, symbol_crc=checksum,
+        )) for y_stream, z_stream, fixes, checksum in zip(y_strings, z_strings, coded["fixes"], coded["checksums"])]
+        return (files, coded["y_hat"]) if with_y_hat else files
+
+    @torch.no_grad()
+    def decompress_bytes(self, data: bytes, steps: int = 1) -> DecodedImage:
+        """Decode the bytes of a ``.onedc`` file written by this model into an image.
+
+        The container is verified first (magic, version, CRCs, model id); then ẑ and ŷ are
+        entropy-decoded, turned into a VAE latent by :meth:`_latent_from` and decoded by the VAE.
+        Every failure raises a :class:`~onedc.errors.BitstreamError` subclass, including errors
+        inside the entropy decoder on a file whose checksum was forged. ``steps > 1`` decodes
+        with the multi-step baseline of the generator (see :meth:`_latent_from`).
+        """
+        self.check_steps(steps)
+        header = decode_container(data, expected_model_id=self.model_id)
+        decoded = self._entropy_decode(header)
+        latent = self._latent_from(decoded, steps=steps)
+        image = self.vae.decode(latent).clamp(-1.0, 1.0)
+        return DecodedImage(image=image[0, :, : header.height, : header.width], y_hat=decoded.y_hat,
+                            z_hat=decoded.z_hat, latent=latent, header=header)
+
+    def _entropy_decode(self, header: Container) -> DecodedLatents:
+        """Container streams -> decoder-side latents, with every coder failure as BitstreamError."""
+        codec = self.codec
+        if header.stride != codec.downsample or header.z_bits != codec.fsq.bits_per_index:
+            raise BitstreamError(f"file codes z at stride {header.stride} with {header.z_bits}-bit indices, the model "
+                                 f"at stride {codec.downsample} with {codec.fsq.bits_per_index}: the header is inconsistent")
+        y_len = len(header.y_stream)
+        if y_len < 8 or y_len % 4:
+            # CompressAI's rANS64 writes whole 32-bit words and an 8-byte final state.
+            raise BitstreamError(f"y stream of {y_len} bytes is not a rANS stream (8+ bytes, whole 32-bit words)")
+        # CompressAI's C++ rANS decoder reads without bounds checks, so a stream whose CRC was
+        # forged could make it read past the buffer and crash the process. Zero words after the
+        # stream bound that: each decoded symbol reads at most two 32-bit words (symbol +
+        # escape), and zeros end every escape sequence. A valid stream never reads them.
+        symbols = self.family.y_symbols(codec, header.padded_size)
+        y_stream = header.y_stream + bytes(8 * symbols + 64)
+        legacy = header.version == 1  # float32 decisions, no fix list, no checksum
+        try:
+            return codec.decompress([[y_stream], [header.z_stream]], (header.z_height, header.z_width),
+                                    fixes=[header.fix_stream], checksums=[header.symbol_crc], legacy=legacy)
+        except CodingMismatchError:
+            raise
+        except Exception as err:  # the coder raises ValueError/RuntimeError/IndexError/...: all mean "bad stream"
+            raise BitstreamError(
+                f"the entropy decoder rejected the payload ({type(err).__name__}: {err}) although its CRC32 "
+                "matched: the file was altered and its checksum recomputed, or written by an incompatible encoder"
+            ) from err
+
+    def check_steps(self, steps: int, setting: str | None = None, source: str | Path | None = None) -> None:
+        """Refuse a decoding step count this bundle cannot run, before any work is done.
+
+        The one home of the rule "multi-step decoding needs a generator": the CLI, ``onedc eval``
+        and :meth:`decompress_bytes` all ask here. ``setting`` is how the caller's user spelled
+        the count (default ``steps=N``; the CLI passes ``--steps N``), ``source`` the checkpoint.
+        """
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise OneDCError(f"steps must be a whole number >= 1, got {steps!r}")
+        if steps > 1 and self.generator is None:
+            raise OneDCError(f"{setting or f'steps={steps}'} (multi-step decoding) needs a one-step generator, and "
+                             f"{source or 'this model'} has none (a distill-stage checkpoint): use steps=1, or a "
+                             "latent/finetune checkpoint")
+
+    def _latent_from(self, decoded: DecodedLatents, steps: int = 1) -> Tensor:
+        """THE generator slot: decoder-side latents -> the clean VAE latent that the VAE decodes.
+
+        With a one-step generator (stages 2-3) it predicts the latent from g_s's features,
+        cross-attending to the semantic tokens; without one (stage 1) the codec's light
+        reconstruction ``latent_hat`` is used. ``steps > 1`` runs the generator's multi-step
+        DDIM baseline (``OneStepGenerator.multi_step``: N UNet calls from T down to 0), a
+        compute/quality comparison point rather than the trained decoder; it needs a generator.
+        """
+        self.check_steps(steps)
+        if self.generator is not None:
+            if steps > 1:
+                return self.generator.multi_step(decoded.features, decoded.tokens, steps)
+            return self.generator(decoded.features, decoded.tokens)
+        return decoded.latent_hat
+
+
+def _check_device(device: str | torch.device) -> torch.device:
+    """Turn a user-given device into a torch.device, refusing ones this machine lacks."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise OneDCError(f"invalid device {device!r}: use cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OneDCError(f"device {device} requested but CUDA is not available here: use --device cpu")
+    return device
