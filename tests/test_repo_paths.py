@@ -15,13 +15,9 @@ character, so it is no root), repo-relative forms (``<run_dir>/tmp``, ``$(VENV)/
 """
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from repo_files import ROOT, read_text, repo_files
 
 #: Top-level directories whose contents are specific to one machine or user: homes, mounts,
 #: temp and system trees, container/notebook/HPC work roots. Written without their slash so
@@ -41,23 +37,6 @@ _PATH = re.compile(r"/[^\s'\"`),;\]}>]*")
 #: file:// URLs into such a root and Windows user folders are machine paths too.
 _FILE_URL = re.compile(r"file://(/[A-Za-z0-9_.+-]+)")
 _WINDOWS = re.compile(r"\b[A-Za-z]:[\\/]+(?:Users|Documents and Settings)[\\/]", re.IGNORECASE)
-#: Never text, or not ours: skipped without reading.
-_BINARY_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".pdf", ".pt", ".pth", ".ckpt", ".bin",
-                    ".safetensors", ".npz", ".npy", ".onedc", ".gz", ".zip", ".tar", ".whl"}
-_SKIP_DIRS = {".git", ".venv", "venv", "__pycache__", ".pytest_cache", "runs", "build", "dist", ".eggs"}
-
-
-def repo_files(root: Path = ROOT) -> list[Path]:
-    """The repo's tracked files (``git ls-files``), or every file under ``root`` outside build and
-    cache folders when ``root`` is not a git checkout (a source archive) or git is missing."""
-    if (root / ".git").exists() and shutil.which("git"):
-        out = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout
-        return [root / name for name in out.decode().split("\0") if name]
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS and not d.endswith(".egg-info")]
-        files += [Path(dirpath) / name for name in filenames]
-    return files
 
 
 def machine_paths(text: str) -> list[tuple[int, str]]:
@@ -72,19 +51,6 @@ def machine_paths(text: str) -> list[tuple[int, str]]:
                 found.append((number, match.group(0)))
         found += [(number, m.group(0)) for m in _WINDOWS.finditer(line)]
     return found
-
-
-def _text(path: Path) -> str | None:
-    """The file's text, or None for binary, unreadable or non-UTF-8 files."""
-    if path.suffix.lower() in _BINARY_SUFFIXES or not path.is_file():
-        return None
-    data = path.read_bytes()
-    if b"\0" in data[:8192]:
-        return None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
 
 
 def test_rule_flags_machine_paths_and_spares_placeholders():
@@ -108,7 +74,7 @@ def test_no_tracked_file_names_an_absolute_path_of_a_machine():
     """Every tracked text file: no /<machine root>/... string (see MACHINE_ROOTS)."""
     bad = []
     for path in repo_files():
-        text = _text(path)
+        text = read_text(path)
         if text is not None:
             bad += [f"{path.relative_to(ROOT)}:{n}: {p}" for n, p in machine_paths(text)]
     assert not bad, ("absolute paths of a machine in the repo (use paths relative to the repo or to "
