@@ -16,7 +16,8 @@ def test_every_option_composes(group):
     options = group_options(group)
     assert options, f"group {group} has no options"
     for option in options:
-        overrides = [f"{group}={option}"] + (["data.root=/tmp"] if option == "folder" else [])
+        # data=folder needs a root; composing never reads it, so a placeholder will do
+        overrides = [f"{group}={option}"] + (["data.root=/data/images"] if option == "folder" else [])
         cfg = compose(overrides)
         # experiments are @package _global_: they change other groups, they have no node of their own
         assert group == "experiment" or cfg[group] is not None

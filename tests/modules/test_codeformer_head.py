@@ -14,7 +14,7 @@ from onedc.modules.codeformer_head import CodeformerHead, SwinBlock
 from onedc.modules.distill import SemanticDistillLoss
 from onedc.modules.teachers import TeacherTargets
 
-REFERENCE = Path("/work/shared/design/reference")
+REFERENCE = Path(__file__).resolve().parents[1] / "data" / "reference"  # the reference key lists
 
 
 def test_full_size_preset_head_matches_section_9_on_meta():

@@ -19,7 +19,7 @@ from onedc.modules.teachers import build_teacher
 
 from maskgit_source import MaskGitVQGAN, random_maskgit
 
-REFERENCE = Path("/work/shared/design/reference")
+REFERENCE = Path(__file__).resolve().parents[1] / "data" / "reference"  # the reference key lists
 CONFIG = Path(__file__).parents[2] / "configs" / "tokenizer" / "maskgit_vqgan.yaml"
 # A quarter-width MaskGIT (32, 32, 64, 64, 128), 128 codes of 32 dims, GroupNorm(32) as the
 # real one (the group count is not in the weights): the file's structure, small enough for CPU.

@@ -1,8 +1,8 @@
 """The reference codec IntraNoAR (REFERENCE.md §3-§4): released layout at full size, small-width mechanics.
 
 The full-size model is built on the meta device only (no memory, no init); its keys, shapes and
-dtypes must equal the released ``model_1.safetensors`` list (tests/data/reference/codec.txt, a
-copy of ../shared/design/reference/codec.txt) and its parts the counts of REFERENCE.md §4.10.
+dtypes must equal the released ``model_1.safetensors`` list (tests/data/reference/codec.txt) and
+its parts the counts of REFERENCE.md §4.10.
 """
 from __future__ import annotations
 
