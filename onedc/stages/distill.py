@@ -10,7 +10,7 @@
 
 v̂ comes from the codec's light latent head (``latent_hat`` of the codec pass), or, when the
 stage is given a ``generator``, from the one-step generator trained jointly with the codec: the
-published OneDC has no light head and trains codec and generator together (REFERENCE.md
+published OneDC has no light head and trains codec and generator together (docs/reference-model.md
 §10.1, its stages 1 and 2 fused): its family ``distills_with_generator``, and its checkpoint
 decodes through the generator.
 

@@ -128,7 +128,7 @@ def identity(cfg: DictConfig, stage_cfg: DictConfig, teacher=None, vae=None):
 
 def _build_distill(cfg: DictConfig, stage_cfg: DictConfig):
     """Stage 1. A family that ``distills_with_generator`` (the published OneDC: no light latent head)
-    trains its codec jointly with the one-step generator (REFERENCE.md §10.1), which v̂ then comes from."""
+    trains its codec jointly with the one-step generator (docs/reference-model.md §10.1), which v̂ then comes from."""
     from onedc.stages.distill import DistillStage
 
     model_family = family(cfg.model)

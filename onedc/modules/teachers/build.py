@@ -102,7 +102,7 @@ def _build_vq(pretrained: str | None, config: dict | None, seed: int, input_scal
         state = read_state_dict(path, expected=_VQ_FORMAT)
         if is_maskgit_state_dict(state):
             log.info("tokenizer %s is a MaskGIT-VQGAN state dict: converting it to a diffusers VQModel "
-                     "(REFERENCE §8); `onedc import-reference --tokenizer %s -o DIR` does this once", path, path)
+                     "(docs/reference-model.md §8); `onedc import-reference --tokenizer %s -o DIR` does this once", path, path)
             model = maskgit_vqmodel(state, path=path)
         else:
             model = load_state_dict_file(_build_random(from_config, seed, meta=True), path,
