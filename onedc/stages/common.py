@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from onedc.checkpoints import CHECKPOINT_FORMAT
 from onedc.modules.coding_tables import fit_cdf_buffers
 
-__all__ = ["CHECKPOINT_FORMAT", "CodecPass", "ModelIdentity", "OptimizerSpec", "StageCodec", "StageModule",
+__all__ = ["CHECKPOINT_FORMAT", "CodecPass", "batch_captions", "batch_images", "ModelIdentity", "OptimizerSpec", "StageCodec", "StageModule",
            "codec_pass", "estimated_bpp", "freeze", "holds_coding_tables", "quadratic_ramp"]
 
 
@@ -60,6 +60,18 @@ class StageCodec(Protocol):
     def rate_bits(self, out: Any) -> Tensor: ...
 
     def update(self, scale_table_values: Any = None, force: bool = False) -> bool: ...
+
+
+def batch_images(batch: Tensor | dict[str, Any]) -> Tensor:
+    """The (B, 3, H, W) images of a batch: a plain tensor (image folders) or a source batch dict's ``"image"``."""
+    return batch["image"] if isinstance(batch, dict) else batch
+
+
+def batch_captions(batch: Tensor | dict[str, Any]) -> list[str]:
+    """The captions of a batch (``""`` per image when its source has none)."""
+    if isinstance(batch, dict) and "caption" in batch:
+        return list(batch["caption"])
+    return [""] * len(batch_images(batch))
 
 
 def codec_pass(codec: StageCodec, x: Tensor, v: Tensor) -> CodecPass:

@@ -16,7 +16,9 @@ def test_every_option_composes(group):
     options = group_options(group)
     assert options, f"group {group} has no options"
     for option in options:
-        overrides = [f"{group}={option}"] + (["data.root=/tmp"] if option == "folder" else [])
+        required = {"folder": ["data.root=/tmp"], "hf": ["data.path=/tmp"], "commoncatalog": ["data.path=/tmp"],
+                    "streaming": ["data.path=/tmp"], "webdataset": ["data.shards=/tmp/a.tar"]}
+        overrides = [f"{group}={option}"] + required.get(option, [])
         cfg = compose(overrides)
         # experiments are @package _global_: they change other groups, they have no node of their own
         assert group == "experiment" or cfg[group] is not None
