@@ -44,13 +44,27 @@ def build_hf(root: Path, folder: Path) -> Path:
     return root
 
 
+def write_raw_webdataset(folder: Path, out: Path, shard_size: int) -> Path:
+    """The folder's files as webdataset tars byte for byte (corrupt ones too), without an index .json."""
+    import webdataset
+
+    out.mkdir(parents=True)
+    files = sorted(folder.glob("*.jpg"))
+    for start in range(0, len(files), shard_size):
+        with webdataset.TarWriter(str(out / f"shard-{start // shard_size:06d}.tar")) as writer:
+            for f in files[start: start + shard_size]:
+                writer.write({"__key__": f.stem, "jpg": f.read_bytes(), "txt": f.with_suffix(".txt").read_text()})
+    return out
+
+
 def build_all(tmp: Path, count: int = 24, bad: set[int] = frozenset()) -> dict[str, Path]:
     """Folder, hf, webdataset and streaming copies of the same samples under ``tmp``."""
     folder = build_folder(tmp / "folder", count, bad=bad)
     out = {"folder": folder, "hf": build_hf(tmp / "hf", folder)}
     out["webdataset"] = tmp / "wds"
-    make_shards(out["hf"], out["webdataset"], fmt="webdataset", shard_size=5, progress=False,
-                image_column="image", caption_column="text", key_column="name") if bad else \
+    if bad:  # make-shards would drop the corrupt files: write the tars as they are
+        write_raw_webdataset(folder, out["webdataset"], shard_size=5)
+    else:
         make_shards(folder, out["webdataset"], fmt="webdataset", shard_size=5, progress=False)
     out["streaming"] = tmp / "mds"
     make_shards(folder, out["streaming"], fmt="mds", shard_size=5, progress=False)
@@ -63,7 +77,10 @@ def data_overrides(kind: str, paths: dict[str, Path]) -> dict:
         return {"source": "hf", "path": str(paths["hf"]), "image_column": "image", "caption_column": "text",
                 "key_column": "name"}
     if kind == "webdataset":
-        return {"source": "webdataset", "shards": str(paths["webdataset"] / "index.wids.json"), "caption_key": "txt"}
+        index = paths["webdataset"] / "index.wids.json"
+        last = len(list(paths["webdataset"].glob("*.tar"))) - 1
+        shards = str(index) if index.is_file() else str(paths["webdataset"] / f"shard-{{000000..{last:06d}}}.tar")
+        return {"source": "webdataset", "shards": shards, "caption_key": "txt"}
     if kind == "streaming":
         return {"source": "streaming", "path": str(paths["streaming"]), "image_column": "jpg",
                 "caption_column": "txt", "key_column": "key"}

@@ -1,0 +1,202 @@
+"""Every training source (hf, webdataset, streaming, folder): exact resume, rank splits, bad samples, captions."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from source_helpers import CORRUPT, batch_hash, build_all, build_folder, data_overrides  # noqa: E402
+
+from onedc.datamodules.source_data import (AuthorsCropProtocol, GlobalOrderSampler, Position,  # noqa: E402
+                                           SourceDataModule, position_after)
+from onedc.errors import ConfigError, DataError  # noqa: E402
+from onedc.make_shards import make_shards  # noqa: E402
+
+pytest.importorskip("datasets")
+pytest.importorskip("wids")
+pytest.importorskip("streaming")
+
+SHARDED = ("hf", "webdataset", "streaming")
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    import datasets
+
+    datasets.disable_progress_bars()
+    return build_all(tmp_path_factory.mktemp("sources"))
+
+
+def _module(kind, paths, *, step=0, world=1, rank=0, batch_size=4, state=None, workers=0, **kw):
+    dm = SourceDataModule(crop_size=32, batch_size=batch_size, num_workers=workers, seed=3,
+                          **data_overrides(kind, paths), **kw)
+    dm.setup()
+    if state is not None:
+        dm.load_state_dict(state)
+    dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, global_step=step, accumulate_grad_batches=1,
+                                 accelerator=None, logger=None)
+    return dm
+
+
+def _hashes(loader, epochs):
+    out = []
+    for _ in range(epochs):
+        out.extend(batch_hash(b) for b in loader)
+    return out
+
+
+@pytest.mark.parametrize("kind", SHARDED)
+def test_kill_and_resume_gives_the_uninterrupted_batch_sequence(kind, paths, tmp_path):
+    """24 samples, batch 4: 6 batches an epoch; killed after 4, resumed from the saved state, 2 workers."""
+    whole = _hashes(_module(kind, paths, workers=2).train_dataloader(), epochs=2)
+    assert len(whole) == 12 and len(set(whole)) == 12
+    first = _module(kind, paths, workers=2)
+    loader = first.train_dataloader()
+    done = [batch_hash(b) for _, b in zip(range(4), loader)]
+    torch.save(first.state_dict(), tmp_path / "state.pt")  # what the checkpoint holds
+    del loader
+    state = torch.load(tmp_path / "state.pt", weights_only=False)
+    resumed = _module(kind, paths, step=4, state=state, workers=2).train_dataloader()
+    rest = _hashes(resumed, epochs=2)  # the rest of epoch 0, then all of epoch 1
+    assert done + rest == whole
+
+
+@pytest.mark.parametrize("kind", SHARDED)
+def test_two_ranks_split_an_epoch_without_overlap_or_gap(kind, paths):
+    keys = []
+    for rank in range(2):
+        loader = _module(kind, paths, world=2, rank=rank, batch_size=3).train_dataloader()
+        keys.append([k for b in loader for k in b["key"]])
+    assert len(keys[0]) == len(keys[1]) == 12
+    assert not set(keys[0]) & set(keys[1])
+    assert len(set(keys[0]) | set(keys[1])) == 24
+
+
+def test_resume_on_another_world_size_continues_at_the_exact_sample():
+    """Sampler level: 2 ranks x 3 for 3 steps, then 3 ranks x 2: the union of the run's batches is every sample once."""
+    length, seen = 36, []
+    for rank in range(2):
+        sampler = GlobalOrderSampler(length, batch_size=3, seed=1, rank=rank, world_size=2)
+        seen += [i for _, batch in zip(range(3), sampler) for i, _, _ in batch]
+    now = position_after(Position(), 3, length, 6)  # the old run's anchor advanced to step 3
+    assert now == Position(3, 0, 18)
+    for rank in range(3):
+        sampler = GlobalOrderSampler(length, batch_size=2, seed=1, rank=rank, world_size=3, start=now)
+        seen += [i for batch in sampler for i, _, _ in batch]
+    assert sorted(seen) == list(range(length))
+
+
+def test_changed_source_length_is_refused_with_one_line(paths):
+    state = _module("hf", paths).state_dict()
+    state["length"] = 25
+    dm = _module("hf", paths, step=2, state=state)
+    with pytest.raises(ConfigError, match="cannot resume the data order") as err:
+        dm.train_dataloader()
+    assert "\n" not in str(err.value)
+
+
+def test_position_restore_is_constant_time_at_scale():
+    """10M samples, 64 ranks x 8 per batch, a million steps in: one arithmetic step, not a replay."""
+    pos = position_after(Position(), 1_000_000, 10_000_000, 512)
+    per_epoch = 10_000_000 // 512
+    assert pos == Position(1_000_000, 1_000_000 // per_epoch, (1_000_000 % per_epoch) * 512)
+
+
+def test_all_four_sources_give_the_same_batches(paths):
+    firsts = {kind: batch_hash(next(iter(_module(kind, paths).train_dataloader())))
+              for kind in ("folder",) + SHARDED}
+    assert len(set(firsts.values())) == 1, firsts
+
+
+def test_captions_travel_with_the_batch_and_default_to_empty(paths, tmp_path):
+    batch = next(iter(_module("webdataset", paths).train_dataloader()))
+    assert all(c.startswith("caption ") for c in batch["caption"]) and len(batch["caption"]) == 4
+    plain = build_folder(tmp_path / "plain", 8)
+    for txt in plain.glob("*.txt"):
+        txt.unlink()
+    dm = SourceDataModule("folder", root=str(plain), crop_size=32, batch_size=4)
+    dm.setup()
+    assert next(iter(dm.train_dataloader()))["caption"] == ["", "", "", ""]
+
+
+def test_corrupt_image_inside_a_shard_is_skipped_and_counted(tmp_path):
+    paths = build_all(tmp_path, bad={5})  # img005 is not a JPEG, inside hf, webdataset (from hf) and the folder
+    for kind in ("hf", "webdataset"):
+        dm = _module(kind, paths, workers=0, max_bad_fraction=0.1)
+        batches = [dm.on_after_batch_transfer(b, 0) for b in dm.train_dataloader()]  # as Lightning calls it
+        assert len(batches) == 6 and all(b["image"].shape == (4, 3, 32, 32) for b in batches)
+        assert dm.bad_count == 1 and dm.checked == 25
+        assert "img005" in dm.bad_keys[0] or "000000005" in dm.bad_keys[0]
+
+
+def test_mostly_bad_source_stops_with_one_line(tmp_path):
+    folder = build_folder(tmp_path / "bad", 20, bad=set(range(2, 20)))
+    dm = SourceDataModule("folder", root=str(folder), crop_size=32, batch_size=4, max_bad_fraction=0.2)
+    dm.setup()
+    with pytest.raises(DataError) as err:
+        for batch in dm.train_dataloader():
+            dm.on_after_batch_transfer(batch, 0)
+    message = str(err.value)
+    assert "\n" not in message and "max_bad_fraction=0.2" in message and ".jpg" in message
+
+
+def test_authors_protocol_is_one_transform_per_batch_from_seed_and_step(paths):
+    protocol = {"size": 64, "small": 32, "keep_batch": 2}
+    dm = _module("streaming", paths, crop_protocol="authors", protocol=protocol)
+    shapes = [tuple(b["image"].shape) for b in dm.train_dataloader()]
+    modes = [AuthorsCropProtocol(**protocol).mode(3, g) for g in range(6)]
+    expected = [(2, 3, 64, 64) if m == "keep" else (4, 3, 32, 32) for m in modes]
+    assert shapes == expected
+    draws = [AuthorsCropProtocol().mode(0, g) for g in range(4000)]
+    for mode, p in (("resize", 0.2), ("crop", 0.5), ("keep", 0.3)):
+        assert abs(draws.count(mode) / 4000 - p) < 0.03  # binomial sd <= 0.008
+
+
+def test_make_shards_cli_writes_shards_and_refuses_an_existing_output(paths, tmp_path, capsys):
+    from onedc.cli import main
+
+    out = tmp_path / "mds"
+    assert main(["make-shards", str(paths["hf"]), "-o", str(out), "--format", "mds", "--shard-size", "10",
+                 "--caption-column", "text", "--key-column", "name", "-q"]) == 0
+    assert "24 samples (24 with captions) in 3 mds shard(s)" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mds"]  # no temp dir left behind
+    assert main(["make-shards", str(paths["folder"]), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1 and "never overwrites" in err
+
+
+def _train_args(kind, paths, run_dir):
+    source = {"hf": [f"data.path={paths['hf']}", "data.caption_column=text"],
+              "webdataset": [f"data.shards={paths['webdataset'] / 'index.wids.json'}"],
+              "streaming": [f"data.path={paths['streaming']}"]}[kind]
+    return ["stage=distill", "model=tiny_random", f"data={kind}", *source, "data.crop_size=64", "data.batch_size=2",
+            "data.num_workers=0", "stage.max_steps=2", f"run_dir={run_dir}", "trainer.logger=none",
+            "trainer.enable_progress_bar=false"]
+
+
+def test_train_py_runs_on_hf(paths, tmp_path):
+    """The command line as the README shows it, in a subprocess."""
+    proc = subprocess.run([sys.executable, "train.py", *_train_args("hf", paths, tmp_path / "run")],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = torch.load(tmp_path / "run" / "distill" / "final.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2 and ckpt["SourceDataModule"]["source"] == "hf"
+
+
+@pytest.mark.parametrize("kind", ["webdataset", "streaming"])
+def test_training_runs_on_shards(kind, paths, tmp_path):
+    """train.py's own entry (compose + run) in-process: the same pipeline without a second interpreter start."""
+    from onedc.config import compose
+    from onedc.pipeline import run
+
+    result = run(compose(_train_args(kind, paths, tmp_path / "run")))[0]
+    ckpt = torch.load(result.final_ckpt, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2 and ckpt["SourceDataModule"] == {
+        "version": "onedc-source-order-v1", "seed": 0, "length": 24, "source": kind, "world_size": 1,
+        "batch_size": 2, "anchor_batch": 0, "anchor_epoch": 0, "anchor_offset": 0}
