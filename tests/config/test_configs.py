@@ -17,7 +17,8 @@ def test_every_option_composes(group):
     assert options, f"group {group} has no options"
     for option in options:
         required = {"folder": ["data.root=/tmp"], "hf": ["data.path=/tmp"], "commoncatalog": ["data.path=/tmp"],
-                    "streaming": ["data.path=/tmp"], "webdataset": ["data.shards=/tmp/a.tar"]}
+                    "streaming": ["data.path=/tmp"], "webdataset": ["data.shards=/tmp/a.tar"],
+                    "captioned_folder": ["data.root=/tmp"]}
         overrides = [f"{group}={option}"] + required.get(option, [])
         cfg = compose(overrides)
         # experiments are @package _global_: they change other groups, they have no node of their own

@@ -200,3 +200,25 @@ def test_training_runs_on_shards(kind, paths, tmp_path):
     assert ckpt["global_step"] == 2 and ckpt["SourceDataModule"] == {
         "version": "onedc-source-order-v1", "seed": 0, "length": 24, "source": kind, "world_size": 1,
         "batch_size": 2, "anchor_batch": 0, "anchor_epoch": 0, "anchor_offset": 0}
+
+
+@pytest.mark.slow
+def test_lightning_kill_and_resume_on_shards_is_bit_identical(paths, tmp_path):
+    """Through Lightning: 8 steps straight vs 4 + resume to 8 (6 batches an epoch, 2 workers): same weights."""
+    from onedc.config import compose
+    from onedc.pipeline import run
+
+    def args(run_dir, steps):
+        base = _train_args("streaming", paths, run_dir)
+        return [a for a in base if not a.startswith(("stage.max_steps", "data.batch_size", "data.num_workers"))] + [
+            f"stage.max_steps={steps}", "data.batch_size=4", "data.num_workers=2", "stage.checkpoint_every_n_steps=2"]
+
+    whole = run(compose(args(tmp_path / "a", 8)))[0]
+    run(compose(args(tmp_path / "b", 4)))
+    (tmp_path / "b" / "distill" / "DONE.json").unlink()  # as if killed right after step 4
+    resumed = run(compose(args(tmp_path / "b", 8)))[0]
+    a = torch.load(whole.final_ckpt, map_location="cpu", weights_only=False)
+    b = torch.load(resumed.final_ckpt, map_location="cpu", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 8
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
