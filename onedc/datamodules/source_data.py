@@ -3,7 +3,7 @@
 Data flow::
 
     source (onedc.datamodules.sources): len + [i] -> RawSample(key, image bytes, caption)
-      │ GlobalOrderSampler: epoch e's permutation of the train indices (seed, e); global batch g
+      │ GlobalOrderSampler: epoch e's permutation (a Feistel bijection, O(1) memory) of the train indices; global batch g
       │   takes the next B*W entries, rank r the r-th B of them; keys (index, crop seed, mode)
       ▼
     SourceCropDataset: decode ─► fit / authors' protocol ─► crop (+flip), bad sample ─► fallback
@@ -36,7 +36,7 @@ from onedc.datamodules.sources import ImageSource, build_source
 from onedc.errors import ConfigError, DataError, ImageReadError
 from onedc.images import decode_image
 
-__all__ = ["AuthorsCropProtocol", "GlobalOrderSampler", "Position", "SourceCropDataset", "SourceDataModule",
+__all__ = ["AuthorsCropProtocol", "EpochPermutation", "GlobalOrderSampler", "Position", "SourceCropDataset", "SourceDataModule",
            "collate_samples", "position_after"]
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,49 @@ def _mix(*parts: int) -> int:
     for part in parts:
         value = (value * 1_000_003 + int(part) + 1) % (2**62)
     return value
+
+
+def _splitmix(value: int) -> int:
+    """SplitMix64's finaliser: a well-mixed 64-bit hash of a 64-bit integer."""
+    value = (value + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return value ^ (value >> 31)
+
+
+class EpochPermutation:
+    """A pseudo-random permutation of ``range(length)`` evaluated one entry at a time, in O(1) memory.
+
+    A 4-round Feistel network on the smallest even number of bits covering ``length``, keyed
+    from ``key``, with cycle walking (re-encrypt while the result is out of range; on average
+    fewer than 4 rounds trips): a bijection of ``range(length)``. Unlike ``torch.randperm`` it
+    needs no O(length) table, so a rank resuming at 10^9 samples computes only the entries it
+    serves (``randperm`` of 10M takes ~1 s and 80 MB per rank; of 2B, 16 GB).
+    """
+
+    def __init__(self, length: int, key: int) -> None:
+        self.length = int(length)
+        bits = max(2, (self.length - 1).bit_length())
+        self.half = (bits + 1) // 2
+        self.mask = (1 << self.half) - 1
+        self.keys = [_splitmix(key * 4 + r) for r in range(4)]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _encrypt(self, value: int) -> int:
+        left, right = value >> self.half, value & self.mask
+        for round_key in self.keys:
+            left, right = right, left ^ (_splitmix(right ^ round_key) & self.mask)
+        return (left << self.half) | right
+
+    def __getitem__(self, position: int) -> int:
+        if not 0 <= position < self.length:
+            raise IndexError(position)
+        value = self._encrypt(position)
+        while value >= self.length:
+            value = self._encrypt(value)
+        return value
 
 
 @dataclass(frozen=True)
@@ -106,7 +149,7 @@ class AuthorsCropProtocol:
 class GlobalOrderSampler(Sampler[list[tuple[int, int, str]]]):
     """Batches of sample keys for one rank: a pure function of (seed, position), resumable in O(1).
 
-    Epoch ``e`` is ``randperm(length)`` seeded from (seed, e); global batch ``g`` of the epoch is
+    Epoch ``e`` is an :class:`EpochPermutation` keyed from (seed, e); global batch ``g`` of the epoch is
     entries ``[offset, offset + B*W)`` and rank ``r`` takes the ``r``-th ``B`` of them. Each key is
     ``(index, crop seed, mode)``: the crop seed comes from (seed, epoch, entry), so crops do not
     depend on rank, worker or world size; ``mode`` is the authors' per-batch transform (or
@@ -126,9 +169,9 @@ class GlobalOrderSampler(Sampler[list[tuple[int, int, str]]]):
     def __len__(self) -> int:
         return self.length // self.global_batch
 
-    def permutation(self, epoch: int) -> Tensor:
-        """The order of epoch ``epoch`` (identical on every rank)."""
-        return torch.randperm(self.length, generator=torch.Generator().manual_seed(_mix(self.seed, epoch)))
+    def permutation(self, epoch: int) -> "EpochPermutation":
+        """The order of epoch ``epoch`` (identical on every rank): entry ``p`` is ``permutation(epoch)[p]``."""
+        return EpochPermutation(self.length, _mix(self.seed, epoch))
 
     def __iter__(self) -> Iterator[list[tuple[int, int, str]]]:
         pos = self.position
@@ -138,7 +181,7 @@ class GlobalOrderSampler(Sampler[list[tuple[int, int, str]]]):
             first = pos.offset + self.rank * self.batch_size
             mode = "plain" if self.protocol is None else self.protocol.mode(self.seed, pos.batch)
             count = self.protocol.keep_batch if mode == "keep" else self.batch_size
-            keys = [(int(order[first + j]), _mix(self.seed, pos.epoch, first + j), mode) for j in range(count)]
+            keys = [(order[first + j], _mix(self.seed, pos.epoch, first + j), mode) for j in range(count)]
             pos = Position(pos.batch + 1, pos.epoch, pos.offset + self.global_batch)
             self.position = pos
             yield keys

@@ -108,6 +108,18 @@ def test_position_restore_is_constant_time_at_scale():
     assert pos == Position(1_000_000, 1_000_000 // per_epoch, (1_000_000 % per_epoch) * 512)
 
 
+@pytest.mark.parametrize("length", [1, 2, 3, 24, 1000, 4099])
+def test_epoch_permutation_is_a_bijection_that_shuffles(length):
+    from onedc.datamodules.source_data import EpochPermutation
+
+    perm = EpochPermutation(length, key=7)
+    order = [perm[p] for p in range(length)]
+    assert sorted(order) == list(range(length))
+    if length >= 1000:  # shuffled: few fixed points (expected 1) and another key gives another order
+        assert sum(o == p for p, o in enumerate(order)) < 10
+        assert order != [EpochPermutation(length, key=8)[p] for p in range(length)]
+
+
 def test_all_four_sources_give_the_same_batches(paths):
     firsts = {kind: batch_hash(next(iter(_module(kind, paths).train_dataloader())))
               for kind in ("folder",) + SHARDED}
