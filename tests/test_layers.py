@@ -26,7 +26,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("evaluation", ("onedc.eval", "onedc.evaluation")),
     # onedc.report (the end-of-chain report) reads photos through onedc.datamodules; with
     # onedc.images it would sit in the evaluation layer.
-    ("callbacks+data", ("onedc.callbacks", "onedc.datamodules", "onedc.report")),
+    ("callbacks+data", ("onedc.callbacks", "onedc.datamodules", "onedc.report", "onedc.make_shards")),
     ("stages", ("onedc.stages",)),
     ("build", ("onedc.config", "onedc.build")),
     ("pipeline", ("onedc.pipeline",)),
