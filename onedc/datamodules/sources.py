@@ -106,7 +106,9 @@ class FolderSource:
 
 
 def _arrow_files(path: Path, pattern: str) -> list[str]:
-    return sorted(glob.glob(str(path / "**" / pattern), recursive=True))
+    """Data files under ``path`` in sorted order; ``cache-*`` files (results of ``.map``) are not data."""
+    found = sorted(glob.glob(str(path / "**" / pattern), recursive=True))
+    return [f for f in found if not Path(f).name.startswith("cache-")]
 
 
 class HFSource:

@@ -120,6 +120,36 @@ def test_epoch_permutation_is_a_bijection_that_shuffles(length):
         assert order != [EpochPermutation(length, key=8)[p] for p in range(length)]
 
 
+def test_commoncatalog_config_reads_a_datasets_cache_dir_by_config_alone(paths, tmp_path):
+    """The authors' layout: arrow files deep in a cache dir, jpg / blip2_caption / unickname, first N files."""
+    import datasets
+
+    from onedc.build import build_datamodule
+    from onedc.config import compose
+
+    files = sorted(paths["folder"].glob("*.jpg"))
+    table = datasets.Dataset.from_dict(
+        {"jpg": [{"bytes": f.read_bytes(), "path": None} for f in files],
+         "blip2_caption": [f.with_suffix(".txt").read_text() for f in files], "unickname": [f.stem for f in files]},
+        features=datasets.Features({"jpg": datasets.Image(), "blip2_caption": datasets.Value("string"),
+                                    "unickname": datasets.Value("string")}))
+    cache = tmp_path / "cache" / "common-canvas___commoncatalog-cc-by-nd" / "default" / "0.0.0" / "abc123"
+    cache.mkdir(parents=True)
+    for i in range(3):  # 8 rows per arrow file, named as `datasets` names them
+        table.select(range(8 * i, 8 * i + 8)).save_to_disk(str(tmp_path / f"part{i}"))
+        arrow = next((tmp_path / f"part{i}").glob("*.arrow"))
+        arrow.rename(cache / f"commoncatalog-cc-by-nd-train-{i:05d}-of-00003.arrow")
+    (cache / "cache-0123.arrow").write_bytes(b"not data")  # a .map() cache file is not read
+    cfg = compose(["data=commoncatalog", f"data.path={tmp_path / 'cache'}", "data.max_files=2",
+                   "data.protocol.size=64", "data.protocol.small=32", "data.num_workers=0"])
+    dm = build_datamodule(cfg.data, seed=0)
+    dm.setup()
+    assert len(dm.train_set) == 16 and dm.source.has_captions
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape[-1] in (32, 64) and all(c.startswith("caption ") for c in batch["caption"])
+    assert all(k.startswith("img0") and int(k[3:]) < 16 for k in batch["key"])
+
+
 def test_all_four_sources_give_the_same_batches(paths):
     firsts = {kind: batch_hash(next(iter(_module(kind, paths).train_dataloader())))
               for kind in ("folder",) + SHARDED}
