@@ -168,13 +168,16 @@ def test_captions_travel_with_the_batch_and_default_to_empty(paths, tmp_path):
 
 
 def test_corrupt_image_inside_a_shard_is_skipped_and_counted(tmp_path):
-    paths = build_all(tmp_path, bad={5})  # img005 is not a JPEG, inside hf, webdataset (from hf) and the folder
+    paths = build_all(tmp_path, bad={5})  # img005 is not a JPEG, inside the hf table and a tar
     for kind in ("hf", "webdataset"):
         dm = _module(kind, paths, workers=0, max_bad_fraction=0.1)
+        logged = []
+        dm.trainer.logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append(metrics))
         batches = [dm.on_after_batch_transfer(b, 0) for b in dm.train_dataloader()]  # as Lightning calls it
         assert len(batches) == 6 and all(b["image"].shape == (4, 3, 32, 32) for b in batches)
         assert dm.bad_count == 1 and dm.checked == 25
-        assert "img005" in dm.bad_keys[0] or "000000005" in dm.bad_keys[0]
+        assert "img005" in dm.bad_keys[0]  # hf names it by its key column, webdataset by shard/key
+        assert len(logged) == 1 and logged[0]["data/bad_samples"] == 1.0  # the TensorBoard scalar
 
 
 def test_mostly_bad_source_stops_with_one_line(tmp_path):
