@@ -117,7 +117,8 @@ class TrainStep:
         self.optimizer.step()
 
 
-def restore_cost(samples: int = 10_000_000, ranks: int = 64, batch: int = 8, steps: int = 1_000_000) -> tuple[float, float]:
+def restore_cost(samples: int = 10_000_000, ranks: int = 64, batch: int = 8,
+                 steps: int = 1_000_000) -> tuple[float, float]:
     """(seconds to compute all ranks' positions + samplers, seconds including each rank's first batch of keys)."""
     from onedc.datamodules.source_data import GlobalOrderSampler, Position, position_after
 

@@ -3,8 +3,9 @@
 Data flow::
 
     source (onedc.datamodules.sources): len + [i] -> RawSample(key, image bytes, caption)
-      │ GlobalOrderSampler: epoch e's permutation (a Feistel bijection, O(1) memory) of the train indices; global batch g
-      │   takes the next B*W entries, rank r the r-th B of them; keys (index, crop seed, mode)
+      │ GlobalOrderSampler: epoch e's permutation of the train indices (a Feistel bijection, O(1)
+      │   memory); global batch g takes the next B*W entries, rank r the r-th B of them;
+      │   keys (index, crop seed, mode)
       ▼
     SourceCropDataset: decode ─► fit / authors' protocol ─► crop (+flip), bad sample ─► fallback
       ▼
@@ -36,8 +37,8 @@ from onedc.datamodules.sources import ImageSource, build_source
 from onedc.errors import ConfigError, DataError, ImageReadError
 from onedc.images import decode_image
 
-__all__ = ["AuthorsCropProtocol", "EpochPermutation", "GlobalOrderSampler", "Position", "SourceCropDataset", "SourceDataModule",
-           "collate_samples", "position_after"]
+__all__ = ["AuthorsCropProtocol", "EpochPermutation", "GlobalOrderSampler", "Position", "SourceCropDataset",
+           "SourceDataModule", "collate_samples", "position_after"]
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +324,8 @@ class SourceDataModule(lightning.LightningDataModule):
             if int(value) < 1:
                 raise ConfigError(f"data.{key} must be a positive integer, got {value}")
         if small_images not in SMALL_IMAGE_POLICIES:
-            raise ConfigError(f"data.small_images must be one of {', '.join(SMALL_IMAGE_POLICIES)}, got {small_images!r}")
+            raise ConfigError(f"data.small_images must be one of {', '.join(SMALL_IMAGE_POLICIES)}, "
+                              f"got {small_images!r}")
         if crop_protocol not in ("plain", "authors"):
             raise ConfigError(f"data.crop_protocol must be plain or authors, got {crop_protocol!r}")
         if not 0.0 <= float(max_bad_fraction) <= 1.0:

@@ -286,6 +286,12 @@ class MDSSource:
             raise ConfigError(f"no MDS index.json at {index}")
         obj = json.loads(index.read_text(encoding="utf-8"))
         self.readers = [reader_from_json(str(self.path), split, shard) for shard in obj["shards"]]
+        packed = [r.raw_data.basename for r in self.readers
+                  if not (self.path / (split or "") / r.raw_data.basename).is_file()]
+        if packed:
+            raise ConfigError(f"MDS shard {packed[0]} of {index} is missing or only compressed "
+                              f"({len(packed)} such); onedc reads uncompressed local shards: write them with "
+                              "`onedc make-shards --format mds` or without compression")
         columns = set(self.readers[0].column_names) if self.readers else set()
         missing = [c for c in (image_column, caption_column, key_column) if c and c not in columns]
         if image_column in missing:

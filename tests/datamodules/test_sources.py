@@ -220,7 +220,9 @@ def _train_args(kind, paths, run_dir):
     source = {"hf": [f"data.path={paths['hf']}", "data.caption_column=text"],
               "webdataset": [f"data.shards={paths['webdataset'] / 'index.wids.json'}"],
               "streaming": [f"data.path={paths['streaming']}"]}[kind]
-    return ["stage=distill", "model=tiny_random", f"data={kind}", *source, "data.crop_size=64", "data.batch_size=2",
+    # random tiny VAE and teacher (no quick-training): the data path is what is under test
+    return ["stage=distill", "model=tiny_random", "tokenizer=vq_tiny", "tokenizer.quick_train=null", f"data={kind}",
+            *source, "data.crop_size=64", "data.batch_size=2",
             "data.num_workers=0", "stage.max_steps=2", f"run_dir={run_dir}", "trainer.logger=none",
             "trainer.enable_progress_bar=false"]
 
