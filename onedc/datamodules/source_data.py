@@ -226,7 +226,8 @@ class SourceCropDataset(Dataset[dict[str, Any]]):
                 image_out = self._transform(tensor, crop_seed, mode, raw.key)
             except Exception as exc:  # noqa: BLE001 - any reader/decoder failure is a bad sample
                 # The first sentence is the reason; the rest is folder advice (skip_bad) that does not apply here.
-                bad.append(f"{sample_key} ({' '.join(str(exc).split()).split('. ')[0][:160]})")
+                reason = " ".join(str(exc).split()).split(". ")[0].replace(f"cannot read image {sample_key}: ", "")
+                bad.append(f"{sample_key} ({reason[:160]})")
                 continue
             return {"image": image_out, "caption": raw.caption, "key": raw.key, "bad": bad}
         return {"image": None, "caption": None, "key": None, "bad": bad}

@@ -269,3 +269,14 @@ def test_lightning_kill_and_resume_on_shards_is_bit_identical(paths, tmp_path):
     assert a["global_step"] == b["global_step"] == 8
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+
+
+def test_training_on_a_mostly_bad_source_stops_with_one_line(tmp_path):
+    """Through Lightning's batch hook: the run stops with the DataError, not a traceback from a worker."""
+    from onedc.config import compose
+    from onedc.pipeline import run
+
+    paths = build_all(tmp_path, bad=set(range(4, 24)))  # 20 of 24 images corrupt
+    args = _train_args("hf", paths, tmp_path / "run") + ["data.max_bad_fraction=0.2", "data.min_checked=4"]
+    with pytest.raises(DataError, match=r"samples of data=hf failed \(> data.max_bad_fraction=0.2\); e.g. hf\[\d+\] \(corrupt"):
+        run(compose(args))
