@@ -280,3 +280,18 @@ def test_training_on_a_mostly_bad_source_stops_with_one_line(tmp_path):
     args = _train_args("hf", paths, tmp_path / "run") + ["data.max_bad_fraction=0.2", "data.min_checked=4"]
     with pytest.raises(DataError, match=r"samples of data=hf failed \(> data.max_bad_fraction=0.2\); e.g. hf\[\d+\] \(corrupt"):
         run(compose(args))
+
+
+def test_checkpoint_state_resumes_on_another_number_of_ranks_at_the_exact_sample(paths):
+    """2 ranks x 3 for 2 steps, checkpoint, then 3 ranks x 2: the epoch is covered once, nothing twice."""
+    seen, state = [], None
+    for rank in range(2):
+        dm = _module("webdataset", paths, world=2, rank=rank, batch_size=3)
+        seen += [k for _, b in zip(range(2), dm.train_dataloader()) for k in b["key"]]
+        state = dm.state_dict()
+    assert state["world_size"] == 2 and state["batch_size"] == 3
+    for rank in range(3):
+        dm = _module("webdataset", paths, world=3, rank=rank, batch_size=2, step=2, state=state)
+        seen += [k for b in dm.train_dataloader() for k in b["key"]]  # the rest of epoch 0
+    assert len(seen) == len(set(seen)) == 24
+    assert dm.state_dict()["anchor_batch"] == 2 and dm.state_dict()["anchor_offset"] == 12  # the new anchor
