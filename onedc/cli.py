@@ -294,6 +294,37 @@ def _register_import_reference(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_cmd_import_reference)
 
 
+def _cmd_make_shards(args: argparse.Namespace) -> int:
+    """Write webdataset or MDS shards from a folder or an HF dataset (onedc.datamodules.shards)."""
+    from onedc.datamodules.shards import make_shards
+
+    summary = make_shards(args.src, args.output, fmt=args.format, shard_size=args.shard_size,
+                          progress=not args.quiet, image_column=args.image_column,
+                          caption_column=args.caption_column, key_column=args.key_column)
+    skipped = f", skipped {len(summary['skipped'])} unreadable" if summary["skipped"] else ""
+    _say(f"{args.src} -> {summary['out']}: {summary['samples']} samples ({summary['captions']} with captions) "
+         f"in {summary['shards']} {args.format} shard(s){skipped}")
+    return 0
+
+
+def _register_make_shards(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "make-shards", help="write webdataset tars or MDS shards from a folder or an HF dataset",
+        description="SRC is a folder of images (captions from sidecar .txt files) or a Hugging Face dataset "
+                    "(save_to_disk dir, .arrow/.parquet). OUT must not exist; it appears complete or not at all. "
+                    "Train on the result with data=webdataset data.shards=OUT/index.wids.json or "
+                    "data=streaming data.path=OUT.")
+    parser.add_argument("src", metavar="SRC", help="image folder or HF dataset")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="new output directory")
+    parser.add_argument("--format", choices=("webdataset", "mds"), default="webdataset")
+    parser.add_argument("--shard-size", type=_positive_int, default=1000, metavar="N", help="samples per shard")
+    parser.add_argument("--image-column", default="image", help="HF image column (default: image)")
+    parser.add_argument("--caption-column", default=None, help="HF caption column (default: none)")
+    parser.add_argument("--key-column", default=None, help="HF sample-name column (default: row number)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_cmd_make_shards)
+
+
 # --------------------------------------------------------------------------- entry point
 # name -> registrar(subparsers), in the order `onedc --help` lists them.
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
@@ -303,6 +334,7 @@ SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "eval": _register_eval,
     "export": _register_export,
     "import-reference": _register_import_reference,
+    "make-shards": _register_make_shards,
 }
 
 

@@ -30,6 +30,10 @@ class ImageReadError(OneDCError):
     """An input file is not a readable image."""
 
 
+class DataError(OneDCError):
+    """Too many samples of a training source cannot be used (undecodable, missing, too small)."""
+
+
 class BitstreamError(OneDCError):
     """A ``.onedc`` file cannot be decoded. Subclasses say why."""
 

@@ -92,6 +92,24 @@ def load_image(path: str | Path) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))) * 2.0 - 1.0
 
 
+def decode_image(data: bytes, name: str) -> Tensor:
+    """Decode encoded image bytes like :func:`load_image` decodes a file: float32 (3, H, W) in [-1, 1].
+
+    The same mode handling (16-bit, alpha over white, EXIF orientation); any failure, empty
+    data included, raises :class:`~onedc.errors.ImageReadError` naming ``name`` (a sample key).
+    """
+    try:
+        if not data:
+            raise ValueError("no image bytes")
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            rgb = _to_unit_rgb(image)
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for corrupt data
+        raise _read_error(Path(name), exc) from exc
+    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))) * 2.0 - 1.0
+
+
 def probe_short_side(path: Path, full_decode: bool) -> int:
     """Open ``path`` once and return its short side; raise ImageReadError if unreadable.
 

@@ -93,11 +93,15 @@ def build_distill_loss(tokenizer_cfg: DictConfig, model_cfg: DictConfig, teacher
 
 
 def build_datamodule(data_cfg: DictConfig, seed: int = 0):
-    """The ``ImageFolderDataModule`` of ``data=``."""
-    from onedc.datamodules import ImageFolderDataModule
-
+    """The data module of ``data=``: ``SourceDataModule`` when the config names a ``source``, else ``ImageFolderDataModule``."""
     cfg = to_dict(data_cfg)
     cfg.pop("name", None)
+    if cfg.get("source"):
+        from onedc.datamodules.source_data import SourceDataModule
+
+        return SourceDataModule(cfg.pop("source"), seed=seed, **cfg)
+    from onedc.datamodules import ImageFolderDataModule
+
     return ImageFolderDataModule(cfg.pop("root"), seed=seed, **cfg)
 
 
