@@ -45,23 +45,23 @@ def _note(message: str) -> None:
 
 
 # --------------------------------------------------------------------------- inputs and outputs
-def _find_inputs(inputs: Sequence[str], suffixes: frozenset[str], kind: str) -> list[tuple[Path, Path]]:
+def _find_inputs(inputs: Sequence[str], suffixes: frozenset[str], kind: str) -> list[tuple[Path, Path | None]]:
     """(file, the folder its output path is relative to) for every input; folders searched recursively.
 
-    A folder argument counts as the folder its files' layout starts from; files and folders are
-    placed relative to the deepest folder common to all arguments (:func:`_layout_root`). What a
-    folder listing skipped (other formats, hidden files) is said in one note per folder.
+    Files and folders are placed relative to the deepest folder common to all arguments (a folder
+    argument counts as itself: :func:`_layout_root`). What an image folder listing skipped (other
+    formats, hidden files) is said in one note per folder. Pure pathlib: no heavy import.
     """
-    from onedc.coding.images import scan_images
+    from onedc.coding.folders import scan_folder
 
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            listing = scan_images(item, suffixes)
+            listing = scan_folder(item, suffixes, kind="an image format onedc lists" if kind == "image" else f"a {kind}")
             if not listing.files:
-                raise OneDCError(f"folder {item} holds no {kind} (looked recursively for "
+                raise OneDCError(f"folder {item} holds no {kind}s (looked recursively for "
                                  f"{', '.join(sorted(suffixes))}): pass another folder")
-            if listing.skipped:
+            if listing.skipped and kind == "image":  # beside .onedc files, other files are expected
                 _note(f"{item}: skipped {listing.describe_skipped()}")
             found += listing.files
         else:
@@ -264,7 +264,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     from onedc.coding.images import IMAGE_SUFFIXES, check_image_header
 
     _check_checkpoint(args.ckpt)
-    sources = _find_inputs(args.inputs, IMAGE_SUFFIXES, "images")
+    sources = _find_inputs(args.inputs, IMAGE_SUFFIXES, "image")
     out_dir = Path(args.output)
     targets = _targets(sources, out_dir, ".onedc")
     sources = [src for src, _ in sources]
@@ -325,7 +325,7 @@ def _cmd_decompress(args: argparse.Namespace) -> int:
     from onedc.coding.bitstream import check_pixel_limit, decode_container
 
     _check_checkpoint(args.ckpt)
-    sources = _find_inputs(args.inputs, ONEDC_SUFFIXES, ".onedc files")
+    sources = _find_inputs(args.inputs, ONEDC_SUFFIXES, ".onedc file")
     out_dir = Path(args.output)
     targets = _targets(sources, out_dir, ".png")
     sources = [src for src, _ in sources]
@@ -385,7 +385,7 @@ def _register_decompress(sub: argparse._SubParsersAction) -> None:
 def _cmd_info(args: argparse.Namespace) -> int:
     from onedc.coding.bitstream import decode_container
 
-    sources = [src for src, _ in _find_inputs(args.inputs, ONEDC_SUFFIXES, ".onedc files")]
+    sources = [src for src, _ in _find_inputs(args.inputs, ONEDC_SUFFIXES, ".onedc file")]
     batch = _Batch("info", len(sources), args.fail_fast)
     for src in sources:
         try:
@@ -456,13 +456,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if len(args.ckpt) < 2:
             raise OneDCError("give the image folder: onedc eval --ckpt CKPT [CKPT ...] DATA_DIR -o OUT_DIR")
         args.data = args.ckpt.pop()
-    from onedc.coding.images import IMAGE_SUFFIXES, scan_images
+    from onedc.coding.images import scan_images
     from onedc.eval.run import REPORT_NAMES
 
     for ckpt in args.ckpt:
         _check_checkpoint(ckpt)
     data, out_dir = Path(args.data), Path(args.output)
-    images = scan_images(data, IMAGE_SUFFIXES).files if data.is_dir() else [data]
+    images = scan_images(data).files if data.is_dir() else [data]
     _check_outputs([(data, out_dir / name) for name in REPORT_NAMES], args.force, out_dir,
                    protected=[*images, *map(Path, args.ckpt)], folders_ok=True)
     result = evaluate(args.ckpt, args.data, args.output, weights_dir=args.weights_dir, baselines=args.baselines,

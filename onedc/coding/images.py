@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -24,6 +23,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from onedc.coding.folders import Listing, scan_folder
 from onedc.errors import ImageReadError, OneDCError, PixelLimitError
 from onedc.io import atomic_write
 
@@ -166,50 +166,16 @@ def probe_short_side(path: Path, full_decode: bool) -> int:
     return short_side
 
 
-@dataclass
-class ImageListing:
-    """What :func:`scan_images` found under a folder: the images, and the files it left out, with why."""
+def scan_images(root: str | Path) -> Listing:
+    """List the image files under ``root`` recursively (suffix in :data:`IMAGE_SUFFIXES`), and what was left out.
 
-    files: list[Path]
-    skipped: dict[str, list[Path]] = field(default_factory=dict)  # reason -> files
-
-    def describe_skipped(self, limit: int = 3) -> str:
-        """One line saying what was skipped and why ("" when nothing was), naming a few files."""
-        parts = []
-        for reason, paths in self.skipped.items():
-            names = ", ".join(p.name for p in paths[:limit]) + (", ..." if len(paths) > limit else "")
-            parts.append(f"{len(paths)} {reason} ({names})")
-        return "; ".join(parts)
-
-
-def scan_images(root: str | Path, suffixes: frozenset[str] = IMAGE_SUFFIXES) -> ImageListing:
-    """List the image files under ``root`` recursively, sorted by relative path, and what was left out.
-
-    A file counts as an image when its suffix is one of ``suffixes`` (default
-    :data:`IMAGE_SUFFIXES`, compared case-insensitively). Hidden files and folders (names starting
-    with ".") are left out, because they are editor or OS debris such as macOS ``._photo.jpg``
-    resource forks; other files are left out for their suffix. Both are reported in
-    :attr:`ImageListing.skipped` (hidden files under "hidden", the rest by their suffix), so a
-    caller can say what it did not take. Raises :class:`~onedc.errors.OneDCError` naming ``root``
-    when it is not a folder.
+    See :func:`onedc.coding.folders.scan_folder`: hidden files and other suffixes are reported in
+    :attr:`~onedc.coding.folders.Listing.skipped`. Raises :class:`~onedc.errors.OneDCError` naming
+    ``root`` when it is not a folder.
     """
-    root = Path(root)
-    if not root.is_dir():
+    if not Path(root).is_dir():
         raise OneDCError(f"image folder {root} does not exist or is not a folder. Check the path.")
-    files: list[Path] = []
-    skipped: dict[str, list[Path]] = {}
-    for path in sorted(root.rglob("*"), key=lambda p: p.relative_to(root).as_posix()):
-        hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
-        if not path.is_file():
-            continue
-        if hidden:
-            skipped.setdefault("hidden file(s)", []).append(path)
-        elif path.suffix.lower() in suffixes:
-            files.append(path)
-        else:
-            kind = path.suffix.lower() or "no suffix"
-            skipped.setdefault(f"{kind} file(s), not an image format onedc lists", []).append(path)
-    return ImageListing(files, skipped)
+    return scan_folder(root, IMAGE_SUFFIXES, kind="an image format onedc lists")
 
 
 def list_images(root: str | Path) -> list[Path]:
