@@ -12,6 +12,21 @@ Subcommands live in :data:`SUBCOMMANDS` (name -> registrar adding its parser), s
 code are imported inside the commands: ``onedc --help`` and ``onedc info`` start fast.
 Every :class:`~onedc.errors.OneDCError` is printed as one ``error: ...`` line on stderr and
 turned into its class's exit code; outputs are written atomically (temp file + rename).
+
+Rules for real photo folders (issue 24), shared by the commands that write:
+
+* **nothing is overwritten unasked**: an existing output needs ``--force``; an input (or the
+  checkpoint, or an image beside the ``.onedc`` file being decoded) is never replaced;
+* **checks first**: the checkpoint's existence, ``-o`` (a folder this process can create files in)
+  and every output path are checked before the model loads, then every input's header
+  (``--max-pixels``, corrupt ``.onedc`` containers, unreadable images);
+* **batches**: every input is attempted; a failed one gets one ``error:`` line, a summary closes
+  the run and the exit code is 2 if any failed; ``--fail-fast`` stops at the first failure;
+* **layout**: outputs mirror the inputs' tree below the deepest folder common to all arguments
+  (a folder argument counts as itself), so two files never share an output;
+* stale temp files of a killed run are removed from the output folders, and two import-time
+  messages of third-party libraries that do not concern the user are silenced
+  (:func:`_quiet_third_party`), so stdout carries results only.
 """
 from __future__ import annotations
 
@@ -57,7 +72,8 @@ def _find_inputs(inputs: Sequence[str], suffixes: frozenset[str], kind: str) -> 
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            listing = scan_folder(item, suffixes, kind="an image format onedc lists" if kind == "image" else f"a {kind}")
+            what = "an image format onedc lists" if kind == "image" else f"a {kind}"
+            listing = scan_folder(item, suffixes, kind=what)
             if not listing.files:
                 raise OneDCError(f"folder {item} holds no {kind}s (looked recursively for "
                                  f"{', '.join(sorted(suffixes))}): pass another folder")
@@ -146,9 +162,8 @@ def _check_outputs(pairs: list[tuple[Path, Path]], force: bool, out_dir: Path | 
     """
     from onedc.io import TEMP_NAME, remove_stale_temp_files
 
-    if out_dir is not None:
-        if out_dir.exists() and not out_dir.is_dir():
-            raise OneDCError(f"-o {out_dir} is a file, not a folder: give a folder for the outputs")
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise OneDCError(f"-o {out_dir} is a file, not a folder: give a folder for the outputs")
     inputs = {key: src for src in [s for s, _ in pairs] + list(protected) if (key := _identity(src)) is not None}
     existing = []
     for src, dst in pairs:
@@ -535,8 +550,8 @@ def _import_reference_checkpoint(args: argparse.Namespace) -> int:
     output = Path(args.output)
     inputs = [p for folder in (Path(args.checkpoint), Path(args.vae)) for p in [folder, *folder.rglob("*")]]
     _check_outputs([(Path(args.checkpoint), output)], args.force, protected=inputs)
-    from onedc.training.config import compose, to_dict
     from onedc.families.reference.released import import_reference
+    from onedc.training.config import compose, to_dict
 
     model = to_dict(compose([f"model={args.model}"]).model)
     out = import_reference(args.checkpoint, args.vae, args.output, model_config=model, merge_lora=args.merge_lora)
