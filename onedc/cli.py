@@ -211,8 +211,9 @@ class _Batch:
     ``fail_fast`` restores stop-at-first: the first failure is raised (one line, exit 2).
     """
 
-    def __init__(self, verb: str, total: int, fail_fast: bool) -> None:
+    def __init__(self, verb: str, total: int, fail_fast: bool, summary_on_success: bool = True) -> None:
         self.verb, self.total, self.fail_fast = verb, total, fail_fast
+        self.summary_on_success = summary_on_success
         self.done: list[Path] = []
         self.failed: list[Path] = []
 
@@ -234,7 +235,7 @@ class _Batch:
             names = ", ".join(map(str, self.failed))
             print(f"{self.verb}: {len(self.done)} of {self.total} done, {len(self.failed)} failed: {names}",
                   file=sys.stderr)
-        elif self.total > 1:
+        elif self.total > 1 and self.summary_on_success:
             _say(f"{self.verb}: {len(self.done)} of {self.total} done")
         return 2 if self.failed else 0
 
@@ -401,7 +402,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from onedc.coding.bitstream import decode_container
 
     sources = [src for src, _ in _find_inputs(args.inputs, ONEDC_SUFFIXES, ".onedc file")]
-    batch = _Batch("info", len(sources), args.fail_fast)
+    # stdout is "key: value" lines: a success summary there would read as one more field
+    batch = _Batch("info", len(sources), args.fail_fast, summary_on_success=False)
     for src in sources:
         try:
             header = decode_container(_read_bytes(src))

@@ -210,7 +210,8 @@ def evaluate(
     if perceptual.features is not None:
         real = [f for image_id, f in real_features.items() if f is not None and image_id not in failed]
         for entry in entries:
-            fake = [f for image_id, f in fake_features.get((entry["codec"], entry["setting"]), []) if image_id not in failed]
+            pairs = fake_features.get((entry["codec"], entry["setting"]), [])
+            fake = [f for image_id, f in pairs if image_id not in failed]
             entry.update(fid_kid(real, fake))
         if all(e["fid_patches"] < 2 for e in entries):
             notes.append(f"FID/KID left empty: fewer than 2 patches of {FID_PATCH} px (images too small)")

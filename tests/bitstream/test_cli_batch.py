@@ -193,6 +193,7 @@ def test_a_tree_round_trips_with_its_layout(tmp_path, photo, tiny_ckpt, onedc_co
     assert main(["info", str(bits)]) == 0  # finding 7: info takes folders
     out = capsys.readouterr().out
     assert out.count("file: ") == 4 and "height: 64" in out and "width: 128" in out
+    assert all(": " in line for line in lines(out))  # fields only: no summary among them
 
 
 # --------------------------------------------------------------------------- 6. output checks first
