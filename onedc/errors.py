@@ -60,3 +60,12 @@ class ModelMismatchError(BitstreamError):
 
 class CodingMismatchError(BitstreamError):
     """The decoder's coding decisions (rANS tables, means) differ from the encoder's."""
+
+
+class PixelLimitError(OneDCError):
+    """An image or a ``.onedc`` header declares more pixels than the allowed limit.
+
+    Raised from the declared size alone, before any pixel buffer is allocated (like Pillow's
+    ``DecompressionBombError``), so an untrusted file cannot exhaust memory; the limit is a
+    parameter (``max_pixels``; the CLI's ``--max-pixels``).
+    """

@@ -26,7 +26,8 @@ TRAINING_LIBRARIES = ("lightning", "hydra", "omegaconf")
 LAYERS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("base", ("onedc", "onedc.errors", "onedc.io", "onedc.samples", "onedc.progress"), TRAINING_LIBRARIES),
     # the coding product's plain-data formats: image files, the .onedc container, weight files
-    ("files", ("onedc.coding.images", "onedc.coding.bitstream", "onedc.coding.checkpoints"), TRAINING_LIBRARIES),
+    ("files", ("onedc.coding.images", "onedc.coding.bitstream", "onedc.coding.checkpoints", "onedc.coding.folders"),
+     TRAINING_LIBRARIES),
     ("shared modules", ("onedc.modules",), TRAINING_LIBRARIES),
     ("family modules", ("onedc.modules.light", "onedc.modules.reference"), TRAINING_LIBRARIES),
     ("families", ("onedc.families",), TRAINING_LIBRARIES),

@@ -35,7 +35,15 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from onedc.coding.bitstream import MAX_PADDED_PIXELS, MAX_SIDE, Container, decode_container, encode_container
+from onedc.coding.bitstream import (
+    DEFAULT_MAX_PIXELS,
+    MAX_PADDED_PIXELS,
+    MAX_SIDE,
+    Container,
+    check_pixel_limit,
+    decode_container,
+    encode_container,
+)
 from onedc.coding.checkpoints import read_weights
 from onedc.errors import BitstreamError, CheckpointError, CodingMismatchError, OneDCError
 from onedc.coding.identity import model_identity
@@ -267,17 +275,22 @@ class OneDCCodec(nn.Module):
         return (files, coded["y_hat"]) if with_y_hat else files
 
     @torch.no_grad()
-    def decompress_bytes(self, data: bytes, steps: int = 1) -> DecodedImage:
+    def decompress_bytes(self, data: bytes, steps: int = 1,
+                         max_pixels: int | None = DEFAULT_MAX_PIXELS) -> DecodedImage:
         """Decode the bytes of a ``.onedc`` file written by this model into an image.
 
-        The container is verified first (magic, version, CRCs, model id); then ẑ and ŷ are
-        entropy-decoded, turned into a VAE latent by :meth:`_latent_from` and decoded by the VAE.
-        Every failure raises a :class:`~onedc.errors.BitstreamError` subclass, including errors
-        inside the entropy decoder on a file whose checksum was forged. ``steps > 1`` decodes
-        with the multi-step baseline of the generator (see :meth:`_latent_from`).
+        The container is verified first (magic, version, CRCs, model id) and its declared size
+        checked against ``max_pixels`` (height x width; ``None``: no limit) before anything is
+        allocated: a larger file raises :class:`~onedc.errors.PixelLimitError`, so an untrusted
+        file cannot exhaust memory. Then ẑ and ŷ are entropy-decoded, turned into a VAE latent by
+        :meth:`_latent_from` and decoded by the VAE. Every other failure raises a
+        :class:`~onedc.errors.BitstreamError` subclass, including errors inside the entropy
+        decoder on a file whose checksum was forged. ``steps > 1`` decodes with the multi-step
+        baseline of the generator (see :meth:`_latent_from`).
         """
         self.check_steps(steps)
         header = decode_container(data, expected_model_id=self.model_id)
+        check_pixel_limit(header, max_pixels)
         decoded = self._entropy_decode(header)
         latent = self._latent_from(decoded, steps=steps)
         image = self.vae.decode(latent).clamp(-1.0, 1.0)
