@@ -59,3 +59,16 @@ def _seed():
 
     torch.manual_seed(0)
     yield
+
+
+
+@pytest.fixture(scope="session")
+def short_distill_ckpt(tmp_path_factory):
+    """final.ckpt of the 120-step distill run of the embedded default (tests/shared_runs.py).
+
+    Shared by the end-to-end PSNR test and the file-rate test, built once per session: what a
+    user's first short run gives, coded through real files.
+    """
+    from shared_runs import SHORT_DISTILL_STEPS, shared_run, short_distill_run
+
+    return shared_run(tmp_path_factory, f"short-distill-{SHORT_DISTILL_STEPS}", short_distill_run)
