@@ -19,14 +19,13 @@ def _plain(node: DictConfig | dict) -> dict:
     return to_dict(node) if isinstance(node, DictConfig) else dict(node)
 
 
-def build_vae(model_cfg: DictConfig | dict, device: str | torch.device | None = None, quick_train: bool = False):
+def build_vae(model_cfg: DictConfig | dict, device: str | torch.device | None = None):
     """The frozen VAE of ``model.vae`` (a model config node or the dict stored in a checkpoint).
 
-    ``quick_train=True`` (the training stages) applies ``model.vae.quick_train`` to a random VAE;
-    everything that loads checkpoints keeps the default: they hold all VAE weights, so a machine
-    with an empty cache decodes without training anything.
+    Its weights are loaded (``model.vae.pretrained``: a dir, a file or a packaged ``asset:NAME``)
+    or drawn from the seed; building never trains anything.
     """
-    return spec_builders.build_vae(_plain(model_cfg), device=device, quick_train=quick_train)
+    return spec_builders.build_vae(_plain(model_cfg), device=device)
 
 
 def build_codec(model_cfg: DictConfig | dict, vae_channels: int = 4):
@@ -54,7 +53,7 @@ def teacher_kwargs(tokenizer_cfg: DictConfig) -> dict[str, Any]:
         "seed": int(cfg.get("seed", 0)),
         "input_scale": float(cfg.get("input_scale", 1.0)),
     }
-    for key in ("config", "model_name", "model_kwargs", "tile_size", "quick_train", "input_range", "resize"):
+    for key in ("config", "model_name", "model_kwargs", "tile_size", "input_range", "resize"):
         if cfg.get(key) is not None:
             kwargs[key] = cfg[key]
     return kwargs
@@ -111,7 +110,7 @@ def identity(cfg: DictConfig, stage_cfg: DictConfig, teacher=None, vae=None):
     """What the stage checkpoint records about its model (checked when loading).
 
     The VAE's weights identity goes to ``model.vae.identity``: the config alone does not say
-    which weights a quick-train cache or a pretrained dir held.
+    which weights a pretrained dir or file held.
     """
     from onedc.stages.common import ModelIdentity
 
@@ -138,7 +137,7 @@ def _build_distill(cfg: DictConfig, stage_cfg: DictConfig):
     if spec_builders.is_reference(cfg.model):
         vae, codec, generator = _vae_codec_generator(cfg)
     else:
-        vae = build_vae(cfg.model, quick_train=True)
+        vae = build_vae(cfg.model)
         codec, generator = build_codec(cfg.model, vae.latent_channels), None
     teacher = build_teacher(cfg.tokenizer)
     distill = build_distill_loss(cfg.tokenizer, cfg.model, teacher, in_channels=_semantic_width(codec))
@@ -156,7 +155,7 @@ def _vae_codec_generator(cfg: DictConfig):
     For ``family: reference`` these are the published OneDC's VAE, ``CodingReferenceCodec`` and
     ``ReferenceGenerator`` (LoRA on the 14 target types when ``model.generator.lora`` is set).
     """
-    vae = build_vae(cfg.model, quick_train=True)
+    vae = build_vae(cfg.model)
     codec = build_codec(cfg.model, vae.latent_channels)
     generator = build_generator(cfg.model)
     if generator.latent_channels != vae.latent_channels:

@@ -27,17 +27,11 @@ GENERATOR_DECODE_SETTINGS: tuple[str, ...] = ("timestep", "prediction_type", "sc
 
 
 # --------------------------------------------------------------------------- dict -> kwargs
-def vae_kwargs(model_config: Mapping[str, Any], quick_train: bool = False) -> dict[str, Any]:
-    """Keyword arguments of :func:`onedc.modules.vae.build_vae` for ``model_config["vae"]``.
-
-    ``quick_train=True`` (the training stages) passes ``model.vae.quick_train`` on; everything
-    that loads checkpoints leaves it out, since they hold all VAE weights.
-    """
+def vae_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of :func:`onedc.modules.vae.build_vae` for ``model_config["vae"]``."""
     vae = dict(model_config["vae"])
     kwargs: dict[str, Any] = dict(pretrained=vae.get("pretrained"), config=vae.get("config"),
                                   seed=int(vae.get("seed", 0)), scaling_factor=vae.get("scaling_factor"))
-    if quick_train and vae.get("quick_train") is not None:
-        kwargs["quick_train"] = vae["quick_train"]
     return kwargs
 
 

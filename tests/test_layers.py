@@ -19,18 +19,20 @@ PACKAGE = ROOT / "onedc"
 # Lowest first. A module may import its own layer and the ones below it, never one above.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("base", ("onedc", "onedc.errors", "onedc.io", "onedc.images", "onedc.samples", "onedc.progress")),
-    ("checkpoints+spec", ("onedc.checkpoints", "onedc.model_spec")),
+    # onedc.assets: the packaged weights files and their asset:NAME paths (data, no training code).
+    ("checkpoints+spec", ("onedc.checkpoints", "onedc.model_spec", "onedc.assets")),
     ("modules", ("onedc.modules",)),
     ("coding", ("onedc.bitstream", "onedc.model_identity", "onedc.inference", "onedc.rate", "onedc.export",
                 "onedc.reference_import")),
     ("evaluation", ("onedc.eval", "onedc.evaluation")),
     # onedc.report (the end-of-chain report) reads photos through onedc.datamodules; with
     # onedc.images it would sit in the evaluation layer.
-    ("callbacks+data", ("onedc.callbacks", "onedc.datamodules", "onedc.report")),
+    # onedc.quicktrain: the offline recipes of the packaged weights (photos -> trained modules).
+    ("callbacks+data", ("onedc.callbacks", "onedc.datamodules", "onedc.report", "onedc.quicktrain")),
     ("stages", ("onedc.stages",)),
     ("build", ("onedc.config", "onedc.build")),
     ("pipeline", ("onedc.pipeline",)),
-    ("entry points", ("onedc.cli", "train")),
+    ("entry points", ("onedc.cli", "train", "onedc.assets.make")),
 )
 # What the coding path (onedc compress / decompress / info) must never load.
 TRAINING_ONLY = ("lightning", "hydra", "omegaconf")

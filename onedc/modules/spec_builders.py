@@ -22,8 +22,7 @@ def is_reference(model_config: Mapping[str, Any]) -> bool:
     return model_config.get("family") == "reference"
 
 
-def build_vae(model_config: Mapping[str, Any], device: str | torch.device | None = None,
-              quick_train: bool = False) -> nn.Module:
+def build_vae(model_config: Mapping[str, Any], device: str | torch.device | None = None) -> nn.Module:
     """The frozen VAE of ``model_config["vae"]`` (see :func:`vae_kwargs`)."""
     if is_reference(model_config):
         from onedc.modules.reference.vae import build_reference_vae
@@ -33,7 +32,7 @@ def build_vae(model_config: Mapping[str, Any], device: str | torch.device | None
                                    seed=int(vae.get("seed", 0)), scaling_factor=vae.get("scaling_factor"),
                                    window=vae.get("attention_window", 16), posterior=vae.get("posterior", "mean"),
                                    device=device)
-    return _build_vae(**vae_kwargs(model_config, quick_train=quick_train), device=device)
+    return _build_vae(**vae_kwargs(model_config), device=device)
 
 
 def build_codec(model_config: Mapping[str, Any], vae_channels: int = 4) -> nn.Module:
