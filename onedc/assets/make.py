@@ -9,8 +9,9 @@ architectures and seeds come from those two configs, the recipes from :data:`VAE
 
 Deterministic: seeded, one CPU thread, float32. The same torch build on the same CPU kernel set
 gives bit-identical tensors (``tensors_sha256`` in the metadata says so); another kernel set
-(AVX2 vs AVX-512, another torch version) rounds differently along the way and ends on other,
-equally good weights (figures within a few tenths of a dB). Run from a checkout (it reads
+(AVX2 vs AVX-512, another torch version) rounds differently along the way and ends on other
+weights of similar quality (the earlier 600 + 200-step recipe ended 0.3-0.4 dB apart per photo on
+AVX2 and AVX-512 kernels; the shipped 1600 + 400-step one was made once, on AVX-512). Run from a checkout (it reads
 ``configs/``); needs scikit-image. Existing files are kept unless ``--force``.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ from onedc.quicktrain.vq import QuickTrainRecipe
 __all__ = ["TEACHER_RECIPE", "VAE_RECIPE", "main", "make_teacher", "make_vae", "tensors_sha256"]
 
 # The shipped tiny VAE's recipe (figures in tests/modules/test_vae_assets.py and the README).
-# 1600 + 400 steps (38 min wall on a loaded 2-core AVX-512 box, about 6 min of one core), against
+# 1600 + 400 steps (about 6 min of one AVX-512 core; 38 min wall on a loaded shared box), against
 # 600 + 200 for the first-run quick-train it replaces: 21.89 / 21.51 dB instead of 20.19 / 20.57.
 VAE_RECIPE = VAEQuickTrainRecipe(guided_steps=1600, joint_steps=400, batch_size=16, crop=48, lr=5e-3)
 # The shipped tiny VQ teacher's recipe (probe figures in tests/modules/test_teachers.py).
