@@ -10,7 +10,7 @@ import tempfile
 import pytest
 
 _CACHE = tempfile.mkdtemp(prefix="onedc-test-cache-")
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)  # quick-trained caches are ~MBs per session
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 for _key, _value in {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -19,8 +19,6 @@ for _key, _value in {
     "MPLCONFIGDIR": os.path.join(_CACHE, "mpl"),
     "TORCH_EXTENSIONS_DIR": os.path.join(_CACHE, "torch_extensions"),
     "TOKENIZERS_PARALLELISM": "false",
-    # Quick-trained tiny teachers are cached here: once per test session, never in ~/.cache.
-    "ONEDC_CACHE": os.path.join(_CACHE, "onedc"),
 }.items():
     os.environ.setdefault(_key, _value)
 

@@ -206,7 +206,7 @@ def test_full_size_finetune_without_the_alexnet_file_fails_at_once(tmp_path):
     assert "\n" not in str(err.value) and time.perf_counter() - started < 10  # before any 1.4B-parameter build
 
 
-DISTILL = ["stage=distill", "tokenizer=vq_tiny", "tokenizer.quick_train=null", "trainer.max_steps=4",
+DISTILL = ["stage=distill", "tokenizer=vq_tiny", "tokenizer.pretrained=null", "trainer.max_steps=4",
            "stage.val_every_n_steps=4", "stage.checkpoint_every_n_steps=4"]
 
 

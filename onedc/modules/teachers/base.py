@@ -20,7 +20,7 @@ TEACHER_KINDS: tuple[str, ...] = ("vq", "timm", "transformers")
 # How the image is resized to the teacher's input: "bilinear" is plain bilinear (no antialias),
 # what MaskGIT-VQGAN was fed (docs/reference-model.md §8: an antialiased x1/2 changes 3-9 % of its tokens).
 RESIZE_METHODS: tuple[str, ...] = ("bilinear_antialias", "bilinear")
-# The protocol teachers had before it became an option: identities and quick-train cache keys
+# The protocol teachers had before it became an option: identities
 # only name a protocol that differs from it, so existing ones stay valid.
 _LEGACY_RANGE = {"vq": (-1.0, 1.0), "feature": (0.0, 1.0)}
 _LEGACY_RESIZE = "bilinear_antialias"
