@@ -221,7 +221,7 @@ def _train_args(kind, paths, run_dir):
               "webdataset": [f"data.shards={paths['webdataset'] / 'index.wids.json'}"],
               "streaming": [f"data.path={paths['streaming']}"]}[kind]
     # random tiny VAE and teacher (no quick-training): the data path is what is under test
-    return ["stage=distill", "model=tiny_random", "tokenizer=vq_tiny", "tokenizer.quick_train=null", f"data={kind}",
+    return ["stage=distill", "model=tiny_random", "tokenizer=vq_tiny", f"data={kind}",
             *source, "data.crop_size=64", "data.batch_size=2",
             "data.num_workers=0", "stage.max_steps=2", f"run_dir={run_dir}", "trainer.logger=none",
             "trainer.enable_progress_bar=false"]
