@@ -257,7 +257,8 @@ def build_guidance(unet_config: Mapping[str, Any], *, alphas_cumprod: Tensor, re
                 guidance = DMDGuidance(real, fake, alphas_cumprod=alphas_cumprod, guidance_scale=guidance_scale)
         else:
             guidance = DMDGuidance(real, fake, alphas_cumprod=alphas_cumprod, guidance_scale=guidance_scale)
-    guidance.real_unet.to(dtype=real_dtype)
+    if guidance.real_unet.conv_in.weight.dtype != real_dtype:
+        guidance.real_unet.to(dtype=real_dtype)
     if gradient_checkpointing:
         guidance.enable_gradient_checkpointing()
     if device is not None and not meta:

@@ -70,7 +70,7 @@ def check_identity(checkpoint: dict[str, Any], cfg: DictConfig, path: Path, comp
     want = OmegaConf.to_container(cfg.model, resolve=True)
     have = meta["model"]
     # The generator's config matters only once a stage has trained it (stage 1 leaves it unbuilt).
-    parts = ("vae", "codec", "generator") if meta.get("stage") in ("latent", "finetune") else ("vae", "codec")
+    parts = ("vae", "codec", "generator") if meta.get("stage") in ("latent", "finetune", "dmd") else ("vae", "codec")
     for part in parts:
         if part not in have or part not in want:
             continue
@@ -324,7 +324,7 @@ def preflight(cfg: DictConfig, stages: list[DictConfig]) -> None:
     from onedc.training.build import build_perceptual_loss
 
     for stage_cfg in stages:
-        if str(stage_cfg.name) == "finetune" and float(stage_cfg.lpips_weight) > 0:
+        if str(stage_cfg.name) in ("finetune", "dmd") and float(stage_cfg.lpips_weight) > 0:
             build_perceptual_loss(stage_cfg.lpips)  # WeightsError naming the file and where it goes
 
 
