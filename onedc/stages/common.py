@@ -58,11 +58,18 @@ class OptimizerSpec:
         return {"scheduler": schedule, "interval": "step", "frequency": 1}
 
 
-def quadratic_ramp(step: int, target: float, ramp_steps: int) -> float:
-    """``target * min(1, step / ramp_steps)**2``: the reference λ warm-up."""
-    if ramp_steps <= 0:
+def quadratic_ramp(step: int, target: float, ramp_steps: int, start: float = 0.0, step0: str = "ramp") -> float:
+    """``start + (target − start)·min(1, step / ramp_steps)²``: the reference λ warm-up.
+
+    The authors' ramp (docs/reference-model.md §10.1) starts at ``start`` = 1e-4 and applies only for
+    0 < step ≤ ramp_steps: at step 0 their code uses the final λ (``step0="final"``, their quirk);
+    ``step0="ramp"`` evaluates the ramp at 0 too (= ``start``).
+    """
+    if step0 not in ("ramp", "final"):
+        raise ValueError(f"step0 must be 'ramp' or 'final', got {step0!r}")
+    if ramp_steps <= 0 or (step == 0 and step0 == "final"):
         return float(target)
-    return float(target) * min(1.0, step / ramp_steps) ** 2
+    return float(start) + (float(target) - float(start)) * min(1.0, step / ramp_steps) ** 2
 
 
 def freeze(module: nn.Module) -> nn.Module:

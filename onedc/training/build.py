@@ -142,7 +142,8 @@ def _build_distill(cfg: DictConfig, stage_cfg: DictConfig):
     return DistillStage(
         family=model_family, vae=vae, codec=codec, teacher=teacher, distill=distill, optimizer=optimizer_spec(stage_cfg),
         identity=identity(cfg, stage_cfg, teacher, vae), lmbda=float(stage_cfg.lmbda),
-        lmbda_warmup_steps=int(stage_cfg.lmbda_warmup_steps), distill_weight=float(stage_cfg.distill_weight),
+        lmbda_warmup_steps=int(stage_cfg.lmbda_warmup_steps), lmbda_start=float(stage_cfg.get("lmbda_start", 0.0)),
+        lmbda_step0=str(stage_cfg.get("lmbda_step0", "ramp")), distill_weight=float(stage_cfg.distill_weight),
         latent_weight=float(stage_cfg.latent_weight), generator=generator,
     )
 
