@@ -35,6 +35,9 @@ def tiny_clip_tokenizer(max_length: int = 77) -> Any:
     Encodes any text offline; its vocabulary (514 entries) is fixed, so a random text encoder of
     that vocabulary size is reproducible from its seed.
     """
+    import json
+    import tempfile
+
     from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
 
@@ -44,7 +47,12 @@ def tiny_clip_tokenizer(max_length: int = 77) -> Any:
         vocab[char] = len(vocab)
     for char in alphabet:
         vocab[char + "</w>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=int(max_length))
+    # Through the vocab.json + merges.txt files every transformers version reads (4.x's Python
+    # tokenizer takes file paths, 5.x's also accepts a dict).
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder, "vocab.json").write_text(json.dumps(vocab))
+        Path(folder, "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=int(max_length), local_files_only=True)
 
 
 class TextEncoder(nn.Module):
