@@ -6,6 +6,7 @@
     onedc decompress out/*.onedc -o decoded/ --ckpt runs/tiny-vq_tiny/distill/final.ckpt
     onedc info out/photo.onedc
     onedc import-reference --tokenizer maskgit-vqgan-imagenet-f16-256.bin -o models/maskgit-vqgan
+    onedc import-reference --guidance model_2.safetensors -o models/guidance.safetensors
 
 Subcommands live in :data:`SUBCOMMANDS` (name -> registrar adding its parser), so new ones
 (export, eval, ...) plug in without touching :func:`main`. torch, diffusers and the model
@@ -523,7 +524,12 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
 
 # --------------------------------------------------------------------------- import-reference
 def _cmd_import_reference(args: argparse.Namespace) -> int:
-    """Dispatch on the mode: ``--tokenizer FILE`` (teacher) or ``CHECKPOINT_DIR`` (codec checkpoint)."""
+    """Dispatch on the mode: ``--tokenizer FILE`` (teacher), ``--guidance FILE`` (stage-II guidance state)
+    or ``CHECKPOINT_DIR`` (codec checkpoint)."""
+    if args.guidance is not None:
+        if args.checkpoint is not None or args.vae is not None or args.tokenizer is not None:
+            raise OneDCError("import-reference converts one thing at a time: give --guidance FILE alone")
+        return _import_reference_guidance(args)
     if args.tokenizer is not None:
         if args.checkpoint is not None or args.vae is not None:
             raise OneDCError("import-reference converts one thing at a time: give either --tokenizer FILE "
@@ -531,7 +537,8 @@ def _cmd_import_reference(args: argparse.Namespace) -> int:
         return _import_reference_tokenizer(args)
     if args.checkpoint is not None:
         return _import_reference_checkpoint(args)
-    raise OneDCError("nothing to import: give --tokenizer FILE (MaskGIT-VQGAN .bin) or CHECKPOINT_DIR --vae VAE_DIR")
+    raise OneDCError("nothing to import: give --tokenizer FILE (MaskGIT-VQGAN .bin), --guidance FILE "
+                     "(model_2.safetensors) or CHECKPOINT_DIR --vae VAE_DIR")
 
 
 def _import_reference_tokenizer(args: argparse.Namespace) -> int:
@@ -539,6 +546,18 @@ def _import_reference_tokenizer(args: argparse.Namespace) -> int:
 
     out = import_maskgit_tokenizer(args.tokenizer, args.output)
     _say(f"{args.tokenizer} -> {out}: diffusers VQModel; use tokenizer=maskgit_vqgan tokenizer.pretrained={out}")
+    return 0
+
+
+def _import_reference_guidance(args: argparse.Namespace) -> int:
+    """--guidance model_2.safetensors -o OUT: the authors' stage-II guidance state, checked, in module keys."""
+    from onedc.training.config import compose, to_dict
+    from onedc.families.reference.released import import_guidance
+
+    unet = to_dict(compose([f"guidance={args.guidance_preset}"]).guidance)["unet"]
+    out = import_guidance(args.guidance, args.output, unet_config=unet)
+    _say(f"{args.guidance} -> {out}: the DMD2 guidance state (real + fake UNet, classifier); continue the authors' "
+         f"stage II with train.py stage=dmd guidance={args.guidance_preset} guidance.pretrained={out}")
     return 0
 
 
@@ -569,14 +588,20 @@ def _register_import_reference(sub: argparse._SubParsersAction) -> None:
                     "e.g. maskgit-vqgan-imagenet-f16-256.bin) into a diffusers VQModel directory for "
                     "tokenizer=maskgit_vqgan tokenizer.pretrained=DIR. CHECKPOINT_DIR --vae VAE_DIR -o OUT.ckpt: "
                     "the authors' released model (model.safetensors + model_1.safetensors) plus the SD-2.1 VAE "
-                    "into an onedc checkpoint. Outputs are written atomically.")
+                    "into an onedc checkpoint. --guidance model_2.safetensors -o OUT.safetensors: the stage-II DMD2 "
+                    "guidance state for stage=dmd guidance.pretrained=OUT. Outputs are written atomically.")
     parser.add_argument("checkpoint", nargs="?", default=None, metavar="CHECKPOINT_DIR",
                         help="released codec checkpoint folder (model.safetensors + model_1.safetensors)")
     parser.add_argument("--vae", default=None, metavar="VAE_DIR", help="VAE directory (with CHECKPOINT_DIR)")
     parser.add_argument("--tokenizer", default=None, metavar="FILE",
                         help="MaskGIT-VQGAN state-dict file (.bin/.pt/.safetensors) to convert")
+    parser.add_argument("--guidance", default=None, metavar="FILE",
+                        help="the authors' stage-II guidance file (model_2.safetensors) to convert")
+    parser.add_argument("--guidance-preset", default="sd15",
+                        help="guidance= preset whose UNet the --guidance file holds (default: sd15)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT",
-                        help="output: a directory for --tokenizer, a .ckpt file for CHECKPOINT_DIR")
+                        help="output: a directory for --tokenizer, a .ckpt file for CHECKPOINT_DIR, "
+                             "a .safetensors file for --guidance")
     parser.add_argument("--model", default="onedc_sd15",
                         help="model preset of the released checkpoint (default: onedc_sd15, the published OneDC)")
     parser.add_argument("--force", action="store_true",

@@ -32,7 +32,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("shared modules", ("onedc.modules",), TRAINING_LIBRARIES),
     ("family modules", ("onedc.modules.light", "onedc.modules.reference"), TRAINING_LIBRARIES),
     ("families", ("onedc.families",), TRAINING_LIBRARIES),
-    ("coding", ("onedc.coding", "onedc.inference"), TRAINING_LIBRARIES),
+    ("coding", ("onedc.coding", "onedc.inference", "onedc.dmd"), TRAINING_LIBRARIES),
     ("evaluation", ("onedc.eval",), TRAINING_LIBRARIES),
     # the offline recipes that make the packaged weights (photos -> trained VAE and teacher)
     ("quick-train recipes", ("onedc.quicktrain",), TRAINING_LIBRARIES),
@@ -51,7 +51,7 @@ ALLOWED = {
     ("onedc.coding.checkpoints", "lightning.pytorch.utilities.deepspeed"),
 }
 # The public alias modules, for users only: nothing in the package imports them.
-PUBLIC_ALIASES = ("onedc.inference",)
+PUBLIC_ALIASES = ("onedc.inference", "onedc.dmd")
 # What the coding path (onedc compress / decompress / info) must never load.
 TRAINING_ONLY = TRAINING_LIBRARIES
 

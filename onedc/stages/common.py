@@ -18,6 +18,7 @@ the codec's rANS tables are model state. No stage asks which family it trains.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -27,10 +28,11 @@ import torch
 from torch import Tensor, nn
 
 from onedc.coding.checkpoints import CHECKPOINT_FORMAT
+from onedc.errors import CheckpointError
 from onedc.families import CodecPass, ModelFamily
 
 __all__ = ["CHECKPOINT_FORMAT", "ModelIdentity", "OptimizerSpec", "StageModule", "batch_captions", "batch_images",
-           "estimated_bpp", "freeze", "quadratic_ramp"]
+           "estimated_bpp", "freeze", "frozen_parts", "quadratic_ramp", "tensors_hash"]
 
 
 def batch_images(batch: Tensor | dict[str, Any]) -> Tensor:
@@ -70,11 +72,37 @@ class OptimizerSpec:
         return {"scheduler": schedule, "interval": "step", "frequency": 1}
 
 
-def quadratic_ramp(step: int, target: float, ramp_steps: int) -> float:
-    """``target * min(1, step / ramp_steps)**2``: the reference λ warm-up."""
-    if ramp_steps <= 0:
+def quadratic_ramp(step: int, target: float, ramp_steps: int, start: float = 0.0, step0: str = "ramp") -> float:
+    """``start + (target − start)·min(1, step / ramp_steps)²``: the reference λ warm-up.
+
+    The authors' ramp (docs/reference-model.md §10.1) starts at ``start`` = 1e-4 and applies only for
+    0 < step ≤ ramp_steps: at step 0 their code uses the final λ (``step0="final"``, their quirk);
+    ``step0="ramp"`` evaluates the ramp at 0 too (= ``start``).
+    """
+    if step0 not in ("ramp", "final"):
+        raise ValueError(f"step0 must be 'ramp' or 'final', got {step0!r}")
+    if ramp_steps <= 0 or (step == 0 and step0 == "final"):
         return float(target)
-    return float(target) * min(1.0, step / ramp_steps) ** 2
+    return float(start) + (float(target) - float(start)) * min(1.0, step / ramp_steps) ** 2
+
+
+def frozen_parts(module: nn.Module) -> dict[str, list[str]]:
+    """Top-level part -> state-dict keys of its frozen parameters (``requires_grad`` False), sorted."""
+    parts: dict[str, list[str]] = {}
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            parts.setdefault(name.split(".", 1)[0], []).append(name)
+    return {part: sorted(keys) for part, keys in sorted(parts.items())}
+
+
+def tensors_hash(named: Iterable[tuple[str, Tensor]]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of each tensor, in the given order: a weights identity."""
+    digest = hashlib.sha256()
+    for name, tensor in named:
+        value = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -114,6 +142,12 @@ class StageModule(pl.LightningModule):
         self.identity = identity
         self.family = family
         self.val_history: list[dict[str, float]] = []
+        # Trainable-only training checkpoints (set by the pipeline from trainer.trainable_only_checkpoints):
+        # frozen parameters are left out and named by identity, their sources per part ("init_from:PATH"
+        # or "config": rebuilt from the model config, e.g. a seed or a pretrained dir).
+        self.trainable_only = False
+        self.frozen_sources: dict[str, str] = {}
+        self._frozen_identity: dict[str, dict[str, Any]] | None = None
         self._val_sums: dict[str, float] = {}
         self._val_count = 0
 
@@ -164,8 +198,50 @@ class StageModule(pl.LightningModule):
             "model": self.identity.model,
             "tokenizer": self.identity.tokenizer,
         }
+        # A training checkpoint (optimizer state present; final.ckpt is weights-only and stays whole,
+        # as inference, export and the next stage read it) keeps only what trains.
+        if self.trainable_only and "optimizer_states" in checkpoint and "state_dict" in checkpoint:
+            identity = self.frozen_identity()
+            state = checkpoint["state_dict"]
+            for part in identity.values():
+                for key in part["keys"]:
+                    state.pop(key, None)
+            checkpoint["onedc"]["frozen"] = {name: {k: v for k, v in part.items() if k != "keys"}
+                                             for name, part in identity.items()}
+
+    def frozen_identity(self) -> dict[str, dict[str, Any]]:
+        """Part -> {keys, count, hash, source} of the frozen parameters (computed once: they never change)."""
+        if self._frozen_identity is None:
+            params = dict(self.named_parameters())
+            self._frozen_identity = {
+                part: {"keys": keys, "count": len(keys), "hash": tensors_hash((k, params[k]) for k in keys),
+                       "source": self.frozen_sources.get(part, "config")}
+                for part, keys in frozen_parts(self).items()}
+        return self._frozen_identity
+
+    def restore_frozen(self, checkpoint: dict[str, Any], path: str = "the checkpoint") -> None:
+        """Put this module's frozen parameters back into a trainable-only checkpoint's state dict, after
+        checking that each part is the one the checkpoint was trained with; CheckpointError (one line) if not."""
+        recorded = (checkpoint.get("onedc") or {}).get("frozen")
+        if not recorded or "state_dict" not in checkpoint:
+            return
+        self._frozen_identity = None
+        mine = self.frozen_identity()
+        for part, want in recorded.items():
+            have = mine.get(part)
+            if have is None or have["count"] != want["count"] or have["hash"] != want["hash"]:
+                found = "no frozen parameters" if have is None else f"{have['count']} with hash {have['hash'][:12]}"
+                raise CheckpointError(
+                    f"{path} stores only trained weights and names its frozen part '{part}.' by identity "
+                    f"({want['count']} tensors, hash {want['hash'][:12]}, from {want['source']}), but this run built "
+                    f"{found}: give the same source (init_from file, pretrained dirs, seeds) it was trained with")
+        params = dict(self.named_parameters())
+        for part in recorded:
+            for key in mine[part]["keys"]:
+                checkpoint["state_dict"][key] = params[key].detach()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.restore_frozen(checkpoint)
         self.val_history = list(checkpoint.get("val_history", []))
         # CDF buffers change size with update(): resize ours before Lightning's strict load.
         codec = self._codec_with_tables()

@@ -55,6 +55,8 @@ class DistillStage(StageModule):
         identity: ModelIdentity,
         lmbda: float = 2.0,
         lmbda_warmup_steps: int = 0,
+        lmbda_start: float = 0.0,
+        lmbda_step0: str = "ramp",
         distill_weight: float = 1.0,
         latent_weight: float = 1.0,
         generator: OneStepGenerator | None = None,
@@ -73,14 +75,17 @@ class DistillStage(StageModule):
         self.optimizer_spec = optimizer
         self.lmbda = lmbda
         self.lmbda_warmup_steps = lmbda_warmup_steps
+        self.lmbda_start = float(lmbda_start)
+        self.lmbda_step0 = str(lmbda_step0)
+        quadratic_ramp(0, lmbda, lmbda_warmup_steps, self.lmbda_start, self.lmbda_step0)  # a bad step0 fails here
         self.distill_weight = distill_weight
         self.latent_weight = latent_weight
         self._val_code_counts: Tensor | None = None
 
     # ------------------------------------------------------------------ helpers
     def current_lambda(self) -> float:
-        """λ at the current global step (quadratic warm-up)."""
-        return quadratic_ramp(self.global_step, self.lmbda, self.lmbda_warmup_steps)
+        """λ at the current global step (quadratic warm-up from ``lmbda_start``; see :func:`quadratic_ramp`)."""
+        return quadratic_ramp(self.global_step, self.lmbda, self.lmbda_warmup_steps, self.lmbda_start, self.lmbda_step0)
 
     def _teacher_on_device(self) -> Teacher:
         teacher: Teacher = self.__dict__["teacher"]

@@ -145,7 +145,8 @@ def _build_distill(cfg: DictConfig, stage_cfg: DictConfig):
     return DistillStage(
         family=model_family, vae=vae, codec=codec, teacher=teacher, distill=distill, optimizer=optimizer_spec(stage_cfg),
         identity=identity(cfg, stage_cfg, teacher, vae), lmbda=float(stage_cfg.lmbda),
-        lmbda_warmup_steps=int(stage_cfg.lmbda_warmup_steps), distill_weight=float(stage_cfg.distill_weight),
+        lmbda_warmup_steps=int(stage_cfg.lmbda_warmup_steps), lmbda_start=float(stage_cfg.get("lmbda_start", 0.0)),
+        lmbda_step0=str(stage_cfg.get("lmbda_step0", "ramp")), distill_weight=float(stage_cfg.distill_weight),
         latent_weight=float(stage_cfg.latent_weight), generator=generator,
     )
 
@@ -234,10 +235,81 @@ def _build_finetune(cfg: DictConfig, stage_cfg: DictConfig):
     )
 
 
+def build_guidance_model(guidance_cfg: DictConfig | dict, device: str | torch.device | None = None):
+    """The DMD2 guidance model of ``guidance=``: a whole guidance state file (``pretrained``), or the real UNet
+    from ``real_pretrained`` (random from ``unet`` without) with a fake UNet copied from it or from
+    ``fake_pretrained``; ᾱ from ``guidance.scheduler``."""
+    from diffusers import DDPMScheduler
+
+    from onedc.modules.guidance import build_guidance
+    from onedc.modules.state_dict_files import load_state_dict_file
+
+    cfg = _plain(guidance_cfg)
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if str(cfg.get("real_dtype", "float32")) not in dtypes:
+        raise ConfigError(f"guidance.real_dtype must be one of {', '.join(dtypes)}, got {cfg.get('real_dtype')}")
+    real_dtype = dtypes[str(cfg.get("real_dtype", "float32"))]
+    alphas = DDPMScheduler(**dict(cfg.get("scheduler") or {})).alphas_cumprod.to(torch.float32)
+    kwargs = dict(alphas_cumprod=alphas, guidance_scale=float(cfg.get("guidance_scale", 1.75)), seed=int(cfg.get("seed", 0)),
+                  gradient_checkpointing=bool(cfg.get("gradient_checkpointing", False)))
+    if cfg.get("pretrained") is not None:
+        guidance = build_guidance(dict(cfg["unet"]), device="meta", **kwargs)
+        load_state_dict_file(guidance, cfg["pretrained"], what="the DMD2 guidance model (guidance.unet)",
+                             expected="a guidance state file written by onedc import-reference --guidance")
+        guidance.real_unet.to(dtype=real_dtype)
+        return guidance.to(device) if device is not None and str(device) != "meta" else guidance
+    return build_guidance(dict(cfg["unet"]), real_pretrained=cfg.get("real_pretrained"),
+                          fake_pretrained=cfg.get("fake_pretrained"), real_dtype=real_dtype, device=device, **kwargs)
+
+
+def text_encoder_from_config(guidance_cfg: DictConfig | dict):
+    """The frozen CLIP text encoder of ``guidance.text`` (a local dir, or random of ``config`` without one)."""
+    from onedc.modules.text import build_text_encoder
+
+    cfg = _plain(guidance_cfg).get("text") or {}
+    return build_text_encoder(pretrained=cfg.get("pretrained"), config=cfg.get("config"), seed=int(cfg.get("seed", 0)),
+                              max_length=int(cfg.get("max_length", 77)))
+
+
+def _build_dmd(cfg: DictConfig, stage_cfg: DictConfig):
+    """Stage II of the paper (DMD2): the generator stage's modules, the guidance model and the text encoder."""
+    from onedc.stages.common import OptimizerSpec
+    from onedc.stages.dmd import DMDStage
+
+    lpips_weight = float(stage_cfg.lpips_weight)
+    perceptual = build_perceptual_loss(stage_cfg.lpips) if lpips_weight > 0 else None
+    vae, codec, generator = _vae_codec_generator(cfg)
+    guidance = build_guidance_model(cfg.guidance)
+    if guidance.latent_channels != vae.latent_channels:
+        raise ConfigError(f"guidance.unet.in_channels={guidance.latent_channels} but the VAE latent has "
+                          f"{vae.latent_channels} channels: set guidance.unet.in_channels={vae.latent_channels}")
+    text = text_encoder_from_config(cfg.guidance)
+    if text.width != int(guidance.fake_unet.config.cross_attention_dim):
+        raise ConfigError(f"the text encoder gives {text.width}-d embeddings but guidance.unet.cross_attention_dim="
+                          f"{guidance.fake_unet.config.cross_attention_dim}: they must be equal")
+    guidance_optimizer = OptimizerSpec(lr=float(stage_cfg.guidance_lr), betas=tuple(stage_cfg.guidance_betas),
+                                       weight_decay=float(stage_cfg.guidance_weight_decay),
+                                       warmup_steps=int(stage_cfg.guidance_warmup_steps))
+    ema = stage_cfg.get("ema_decay")
+    images = stage_cfg.get("image_every_n_steps")
+    return DMDStage(
+        family=family(cfg.model), vae=vae, codec=codec, generator=generator, guidance=guidance, text=text,
+        perceptual=perceptual, optimizer=optimizer_spec(stage_cfg), guidance_optimizer=guidance_optimizer,
+        identity=identity(cfg, stage_cfg, vae=vae), captions=str(stage_cfg.captions),
+        generator_every=int(stage_cfg.generator_every), dm_weight=float(stage_cfg.dm_weight),
+        gan_weight=float(stage_cfg.gan_weight), guidance_cls_weight=float(stage_cfg.guidance_cls_weight),
+        pixel_weight=float(stage_cfg.pixel_weight), lpips_weight=lpips_weight,
+        dm_timesteps=tuple(stage_cfg.dm_timesteps), gan_timesteps=tuple(stage_cfg.gan_timesteps),
+        fake_timesteps=tuple(stage_cfg.fake_timesteps), ema_decay=None if ema is None else float(ema),
+        image_every_n_steps=None if images is None else int(images),
+    )
+
+
 STAGE_BUILDERS: dict[str, Callable[[DictConfig, DictConfig], Any]] = {
     "distill": _build_distill,
     "latent": _build_latent,
     "finetune": _build_finetune,
+    "dmd": _build_dmd,
 }
 
 

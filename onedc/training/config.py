@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from onedc.errors import ConfigError
 
-GROUPS = ("stage", "model", "tokenizer", "data", "trainer", "discriminator", "experiment")
+GROUPS = ("stage", "model", "tokenizer", "data", "trainer", "discriminator", "guidance", "experiment", "ladder")
 
 
 def config_dir() -> Path:

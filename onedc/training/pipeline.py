@@ -70,7 +70,7 @@ def check_identity(checkpoint: dict[str, Any], cfg: DictConfig, path: Path, comp
     want = OmegaConf.to_container(cfg.model, resolve=True)
     have = meta["model"]
     # The generator's config matters only once a stage has trained it (stage 1 leaves it unbuilt).
-    parts = ("vae", "codec", "generator") if meta.get("stage") in ("latent", "finetune") else ("vae", "codec")
+    parts = ("vae", "codec", "generator") if meta.get("stage") in ("latent", "finetune", "dmd") else ("vae", "codec")
     for part in parts:
         if part not in have or part not in want:
             continue
@@ -298,9 +298,14 @@ def run_stage(cfg: DictConfig, stage_cfg: DictConfig, init_from: str | Path | No
         os.environ.setdefault("OMP_NUM_THREADS", str(int(cfg.trainer.num_threads)))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     module = build_stage(cfg, stage_cfg)
+    module.trainable_only = bool(cfg.trainer.get("trainable_only_checkpoints", False))
     if resume is None:
         loaded = load_init_weights(module, init_from, cfg)["loaded"] if init_from is not None else []
         start_fresh_generator(module, cfg, loaded)
+        source = f"init_from:{Path(str(init_from)).resolve()}" if init_from is not None else None
+        module.frozen_sources = {part: source for part in {k.split(".", 1)[0] for k in loaded}} if source else {}
+    else:
+        restore_frozen_sources(module, read_checkpoint(resume), cfg, resume)
     datamodule = build_datamodule(cfg.data, seed=int(cfg.seed))
     if _rank() == 0:
         resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -319,12 +324,31 @@ def run_stage(cfg: DictConfig, stage_cfg: DictConfig, init_from: str | Path | No
     return StageResult(name, sdir, final, int(trainer.global_step))
 
 
+def restore_frozen_sources(module: torch.nn.Module, checkpoint: dict[str, Any], cfg: DictConfig, path: Path) -> None:
+    """Before resuming from a trainable-only checkpoint, reload its frozen parts from their sources.
+
+    Parts built from the config (seeds, pretrained dirs, the VAE cache) are already rebuilt; parts
+    that came from an ``init_from`` file are read from it again. The module's ``on_load_checkpoint``
+    then checks every frozen part's hash against the one recorded (:meth:`StageModule.restore_frozen`).
+    """
+    frozen = (checkpoint.get("onedc") or {}).get("frozen") or {}
+    sources = {part: info["source"] for part, info in frozen.items()}
+    module.frozen_sources = dict(sources)
+    files = sorted({s.partition(":")[2] for s in sources.values() if s.startswith("init_from:")})
+    for file in files:
+        if not Path(file).exists():
+            parts = ", ".join(p for p, s in sources.items() if s == f"init_from:{file}")
+            raise CheckpointError(f"{path} stores only trained weights; its frozen part(s) {parts} come from "
+                                  f"{file}, which is missing: restore that file (or start the stage again)")
+        load_init_weights(module, file, cfg)
+
+
 def preflight(cfg: DictConfig, stages: list[DictConfig]) -> None:
     """Fail before any training if a later stage's weights are missing (not hours into the chain)."""
     from onedc.training.build import build_perceptual_loss
 
     for stage_cfg in stages:
-        if str(stage_cfg.name) == "finetune" and float(stage_cfg.lpips_weight) > 0:
+        if str(stage_cfg.name) in ("finetune", "dmd") and float(stage_cfg.lpips_weight) > 0:
             build_perceptual_loss(stage_cfg.lpips)  # WeightsError naming the file and where it goes
 
 

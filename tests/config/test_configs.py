@@ -22,8 +22,8 @@ def test_every_option_composes(group):
                     "webdataset": ["data.shards=/data/shards/a.tar"], "captioned_folder": ["data.root=/data/images"]}
         overrides = [f"{group}={option}"] + required.get(option, [])
         cfg = compose(overrides)
-        # experiments are @package _global_: they change other groups, they have no node of their own
-        assert group == "experiment" or cfg[group] is not None
+        # experiments and ladder presets are @package _global_: they change other nodes, they have none of their own
+        assert group in ("experiment", "ladder") or cfg[group] is not None
 
 
 def test_stage_all_holds_every_stage_and_accepts_per_stage_overrides():

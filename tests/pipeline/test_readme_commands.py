@@ -28,6 +28,7 @@ TRAIN = [
     "python train.py stage=distill",
     f"python train.py stage=latent init_from={RUN}/distill/final.ckpt",
     f"python train.py stage=finetune init_from={RUN}/latent/final.ckpt",
+    f"python train.py stage=dmd init_from={RUN}/latent/final.ckpt",
     "python train.py stage=all",  # the three stages are done: it skips them
 ]
 SMOKE = "python train.py experiment=smoke"

@@ -346,3 +346,118 @@ def save_released_codec(codec: ReferenceCodec, path: str | Path) -> Path:
 
     state = {key: value.detach().cpu().contiguous() for key, value in codec.state_dict().items()}
     return atomic_write_bytes(path, save(state))
+
+
+# --------------------------------------------------------------------------- stage-II guidance file (model_2.safetensors)
+GUIDANCE_FILE = "model_2.safetensors"
+#: keys of the released guidance file that hold no model state (DMD2's placeholder network)
+GUIDANCE_IGNORED_PREFIXES = ("dummy_network.",)
+#: the prefix a DDP-wrapped save adds to every key
+WRAPPER_PREFIX = "module."
+GUIDANCE_FORMAT = ("the authors' stage-II guidance file model_2.safetensors (real_unet.*, fake_unet.*, cls_pred_branch.*, "
+                   "alphas_cumprod; 1,385 keys, docs/reference-model.md §10.2) or a file written by save_released_guidance")
+_GUIDANCE_WHAT = "the DMD2 guidance model (SD-1.5 real + fake UNet, realism classifier)"
+
+
+def sd15_alphas_cumprod() -> Tensor:
+    """ᾱ of the SD-1.5 schedule (float32, 1000 values; docs/reference-model.md §5.3)."""
+    from diffusers import DDPMScheduler
+
+    from onedc.modules.reference.generator import SD15_SCHEDULER_CONFIG
+
+    return DDPMScheduler(**SD15_SCHEDULER_CONFIG).alphas_cumprod.to(torch.float32)
+
+
+def guidance_shapes(unet_config: Mapping[str, Any] | None = None) -> dict[str, torch.Size]:
+    """Key -> shape of the guidance file for ``unet_config`` (SD-1.5 by default: 1,383 keys besides ``dummy_network.*``)."""
+    from onedc.modules.guidance import build_guidance
+    from onedc.modules.reference.generator import SD15_UNET_CONFIG
+
+    guidance = build_guidance(dict(unet_config or SD15_UNET_CONFIG), alphas_cumprod=torch.zeros(1000), device="meta")
+    return _shapes(guidance)
+
+
+def released_guidance_keys(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The released guidance layout -> module keys: ``module.`` stripped, ``dummy_network.*`` dropped."""
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if key.startswith(WRAPPER_PREFIX):
+            key = key[len(WRAPPER_PREFIX):]
+        if key.startswith(GUIDANCE_IGNORED_PREFIXES):
+            continue
+        out[key] = value
+    return out
+
+
+def read_released_guidance(path: str | Path, unet_config: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
+    """The tensors of a stage-II guidance file in module keys, float32 (bf16 ``real_unet`` upcast).
+
+    The header is checked against the guidance model of ``unet_config`` (SD-1.5 by default) before
+    any tensor is read; a mismatch is one :class:`WeightsError` line.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    header = released_guidance_keys(_safetensors_shapes(path, GUIDANCE_FORMAT))
+    check_state_dict({k: torch.empty(s, device="meta") for k, s in header.items()}, guidance_shapes(unet_config),
+                     path, _GUIDANCE_WHAT, GUIDANCE_FORMAT)
+    return _float32(released_guidance_keys(load_file(str(path), device="cpu")))
+
+
+def load_released_guidance(path: str | Path, *, unet_config: Mapping[str, Any] | None = None,
+                           module_class: type | None = None, real_dtype: torch.dtype = torch.float32,
+                           guidance_scale: float | None = None) -> nn.Module:
+    """The guidance model of the authors' ``model_2.safetensors``, every tensor from the file.
+
+    Built on the meta device from the published SD-1.5 UNet config (or ``unet_config``) as
+    ``module_class`` (default :class:`onedc.modules.guidance.DMDGuidance`); the file's tensors are
+    assigned in float32 (the exact definition), the real UNet then cast to ``real_dtype``.
+    """
+    from onedc.modules.guidance import REAL_GUIDANCE_SCALE, DMDGuidance
+    from onedc.modules.reference.generator import SD15_UNET_CONFIG
+
+    state = read_released_guidance(path, unet_config)
+    config = dict(unet_config or SD15_UNET_CONFIG)
+    from diffusers import UNet2DConditionModel
+
+    cls = module_class or DMDGuidance
+    scale = REAL_GUIDANCE_SCALE if guidance_scale is None else float(guidance_scale)
+    with torch.device("meta"):
+        real, fake = UNet2DConditionModel(**config), UNet2DConditionModel(**config)
+        guidance = cls(real, fake, alphas_cumprod=torch.zeros(1000), guidance_scale=scale)
+    guidance.load_state_dict(state, strict=True, assign=True)
+    guidance.real_unet.requires_grad_(False)
+    guidance.real_unet.to(dtype=real_dtype)
+    return guidance
+
+
+def save_released_guidance(guidance: nn.Module, path: str | Path, *, real_bf16: bool = True,
+                           wrapper_prefix: bool = False, dummy_network: bool = True) -> Path:
+    """Write ``guidance`` in the released layout (the inverse of :func:`read_released_guidance`; tests).
+
+    As the authors store it: ``real_unet`` in bf16 (``real_bf16``), DMD2's placeholder
+    ``dummy_network.fc`` (1×32 + 1), and optionally every key under ``module.``.
+    """
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in guidance.state_dict().items()}
+    if real_bf16:
+        state = {k: (v.to(torch.bfloat16) if k.startswith("real_unet.") else v) for k, v in state.items()}
+    if dummy_network:
+        state["dummy_network.fc.weight"] = torch.zeros(1, 32)
+        state["dummy_network.fc.bias"] = torch.zeros(1)
+    if wrapper_prefix:
+        state = {WRAPPER_PREFIX + k: v for k, v in state.items()}
+    return atomic_write_bytes(path, save(state))
+
+
+def import_guidance(path: str | Path, output: str | Path, *, unet_config: Mapping[str, Any] | None = None) -> Path:
+    """``onedc import-reference --guidance model_2.safetensors -o OUT``: check, convert and write atomically.
+
+    OUT is a safetensors file in module keys, float32 everything (the file a DMD stage's
+    ``guidance.pretrained`` reads); returns ``output``.
+    """
+    from safetensors.torch import save
+
+    state = read_released_guidance(path, unet_config)
+    return atomic_write_bytes(output, save({k: v.contiguous() for k, v in state.items()}))
