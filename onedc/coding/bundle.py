@@ -319,20 +319,26 @@ class OneDCCodec(nn.Module):
                             z_hat=decoded.z_hat, latent=latent, header=header)
 
     @torch.no_grad()
-    def decompress_many(self, files: list[bytes], steps: int = 1) -> list[DecodedImage]:
+    def decompress_many(self, files: list[bytes], steps: int = 1,
+                        names: list[str] | None = None) -> list[DecodedImage]:
         """Decode several files, one generator and VAE call per group of same-size files; results in order.
 
         Each file is checked and entropy-decoded on its own (its ŷ is the one
         :meth:`decompress_bytes` gives, bit for bit); files of one padded size are then batched
         through the generator and the VAE, at most as many as the decode options' memory bound
         and ``batch`` allow (one at a time without options). Batching changes the picture only
-        by kernel rounding.
+        by kernel rounding. ``names`` (one per file) prefix the message of an error in that file.
         """
         self.check_steps(steps)
         entries = []
-        for data in files:
-            header = decode_container(data, expected_model_id=self.model_id)
-            entries.append((header, self._entropy_decode(header)))
+        for index, data in enumerate(files):
+            try:
+                header = decode_container(data, expected_model_id=self.model_id)
+                entries.append((header, self._entropy_decode(header)))
+            except OneDCError as err:
+                if names is None:
+                    raise
+                raise type(err)(f"{names[index]}: {err}") from err
         results: list[DecodedImage | None] = [None] * len(entries)
         groups: dict[tuple[int, int], list[int]] = {}
         for index, (header, _) in enumerate(entries):

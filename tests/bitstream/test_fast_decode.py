@@ -223,3 +223,26 @@ def test_attention_runs_through_sdpa_everywhere(release):
     assert all(hasattr(p, "window") for p in (m.processor for m in codec.vae.autoencoder.modules()
                                               if isinstance(m, Attention)))
     assert speed.use_classic_attention(codec.vae.autoencoder) > 0 and speed.use_sdpa_attention(codec.vae.autoencoder) > 0
+
+
+def test_cli_decompress_batches_a_folder_with_the_speed_options(release, photo, tmp_path, capsys):
+    from PIL import Image
+
+    from onedc.cli import main
+
+    codec = OneDCCodec.from_checkpoint(release, decode_options=None)
+    folder = tmp_path / "files"
+    folder.mkdir()
+    for index, crop in enumerate([photo, photo.flip(-1), photo[:, :, :128]]):
+        (folder / f"img{index}.onedc").write_bytes(codec.compress_image(crop))
+    capsys.readouterr()
+    code = main(["decompress", str(folder), "-o", str(tmp_path / "out"), "--ckpt", str(release),
+                 "--precision", "bf16", "--batch", "2", "--tile-size", "256", "--max-memory", "2"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "decoded 3 file(s)" in out and "images/s" in out and "bfloat16" in out
+    sizes = [Image.open(tmp_path / "out" / f"img{i}.png").size for i in range(3)]
+    assert sizes == [(170, 128), (170, 128), (128, 128)]
+    assert main(["decompress", str(folder), "-o", str(tmp_path / "x"), "--ckpt", str(release),
+                 "--tile-size", "200"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: tile size 200 px")
