@@ -298,6 +298,7 @@ def bf16_copy(bundle, options):
     if scales:
         lora_free = build_like(generator)
         lora_free.load_state_dict(merged, assign=True)
+        lora_free.to(bundle.device)  # the derived buffers (ᾱ) were built on the CPU
     else:  # no adapters (the tiny preset): a plain copy, cast by prepare_decoding
         lora_free = copy.deepcopy(generator)
     fast = OneDCCodec.from_modules(copy.deepcopy(bundle.vae), bundle.codec, lora_free, copy_trainable=False)
@@ -314,6 +315,18 @@ def build_like(generator):
     unet_config["in_channels"] = 4  # the stored config names the replaced conv_in's width
     return build_reference_generator(unet_config=unet_config, gs_channels=generator.gs_channels, lora=False,
                                      device="meta")
+
+
+def release_freed_memory() -> None:
+    """Hand the merge's freed float64 transients back to the OS (glibc keeps them in its arenas otherwise)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: nothing to trim
+        pass
 
 
 def set_lora_merged(unet, merged: bool) -> None:
@@ -351,6 +364,7 @@ def run_paths(args: argparse.Namespace) -> None:
     reference_parts = [bundle.generator.unet, bundle.vae.autoencoder.decoder]
     bundle.decode_report = {"dtype": "float32"}
     fast = bf16_copy(bundle, DecodeOptions.fast())
+    release_freed_memory()
     timers = {id(bundle): StageTimer(sync), id(fast): StageTimer(sync)}
     for b in (bundle, fast):
         timers[id(b)].watch_modules("unet", [b.generator.unet])

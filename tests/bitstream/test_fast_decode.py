@@ -105,9 +105,11 @@ def test_lora_merge_changes_what_an_adapter_adds():
 @pytest.mark.parametrize("options", [
     DecodeOptions(),                                     # fp32: merge, SDPA, channels-last (the library default)
     DecodeOptions(precision="bf16"),                     # bf16 UNet + VAE decoder
-    DecodeOptions(precision="bf16", tile_size=256),      # + tiles (the 128x192 image: 2 tiles across)
+    DecodeOptions(precision="bf16", tile_size=256),      # + tiles (a 320x320 image: latent 40, tiles of 32)
 ], ids=["fp32-fast", "bf16", "bf16-tiled"])
 def test_fast_paths_decode_the_same_y_hat_bit_for_bit(release, photo, options):
+    if options.tile_size:
+        photo = load_image(sample_photo_paths()["astronaut"])[:, :320, 60:380]
     reference = OneDCCodec.from_checkpoint(release, decode_options=DecodeOptions.reference())
     fast = OneDCCodec.from_checkpoint(release, decode_options=options)
     assert fast.model_id == reference.model_id  # the id names the weights as stored, not as prepared
@@ -121,7 +123,11 @@ def test_fast_paths_decode_the_same_y_hat_bit_for_bit(release, photo, options):
     if options.precision == "fp32":
         assert error < 1e-4  # merge + layout: kernel rounding only
     else:
-        assert _psnr(quick.image, slow.image) > 30.0  # measured: ~45 dB at this width (bf16 rounding)
+        # measured: 49.0 dB, max |diff| 0.061 untiled (bf16 rounding, 128x170 crop); 29.8 dB with 256-px
+        # tiles on the 320x320 crop (the small random VAE's per-tile GroupNorm statistics dominate)
+        assert _psnr(quick.image, slow.image) > (25.0 if options.tile_size else 35.0)
+    if options.tile_size:
+        assert fast.vae.autoencoder.use_tiling and fast.vae.autoencoder.tile_latent_min_size == 32
 
 
 def test_fast_path_compresses_exactly_as_before(release, photo):
