@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # This pair lies on local disk on the CI machines; on your GPU box override it, e.g.
 #   make setup TORCH_SPEC="torch torchvision"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= test,samples,deepspeed
+EXTRAS ?= test,samples,deepspeed,data
 STAMP  := $(VENV)/.onedc-installed
 ARGS   ?=
 
@@ -27,8 +27,11 @@ setup: $(STAMP)
 train: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python train.py stage=all $(ARGS)
 
+# One pytest worker per core (each test runs on one thread; see tests/conftest.py); a test file
+# stays on one worker, and runs several files share are built once (tests/shared_runs.py). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 bench: $(STAMP)
 	for b in benchmarks/*.py; do HF_HUB_OFFLINE=1 $(BIN)/python $$b || exit 1; done

@@ -56,16 +56,15 @@ def distill(run_dir: str, seed: int) -> dict[str, float]:
 
 def rate(run_dir: str, seed: int) -> dict[str, float]:
     """tests/bitstream/test_rate_after_training.py: payload vs estimate after 120 distill steps."""
-    from onedc.training.config import compose
-    from onedc.datamodules import sample_photo_paths
     from onedc.coding.bundle import OneDCCodec
     from onedc.coding.rate import rate_table
-    from onedc.training.pipeline import run
+    from onedc.datamodules import sample_photo_paths
 
-    result = run(compose([f"run_dir={run_dir}", f"seed={seed}", *BASE, "data.crop_size=128", "data.batch_size=4",
-                          "trainer.max_steps=120", "stage.val_every_n_steps=120",
-                          "stage.checkpoint_every_n_steps=120"]))[0]
-    rows = rate_table(OneDCCodec.from_checkpoint(result.final_ckpt), list(sample_photo_paths().values()))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from shared_runs import short_distill_run  # the test's own run
+
+    final = short_distill_run(Path(run_dir), [f"seed={seed}"])
+    rows = rate_table(OneDCCodec.from_checkpoint(final), list(sample_photo_paths().values()))
     return {"max_abs_rel_diff": max(abs(r["rel_diff"]) for r in rows)}
 
 
@@ -91,22 +90,29 @@ def latent(run_dir: str, seed: int) -> dict[str, float]:
 
 def end_to_end(run_dir: str, seed: int) -> dict[str, float]:
     """tests/stages/test_end_to_end_psnr.py: PSNR of the held-out photos through real files after 120 distill steps."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "stages"))
-    from test_end_to_end_psnr import held_out_rows  # the test's own run
+    from onedc.datamodules import sample_photo_paths
+    from onedc.eval import evaluate
 
-    rows = held_out_rows(Path(run_dir), [f"seed={seed}"])
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from shared_runs import short_distill_run  # the test's own run
+
+    final = short_distill_run(Path(run_dir), [f"seed={seed}"])
+    photos = sample_photo_paths()
+    result = evaluate([final], [photos["grace_hopper"], photos["motorcycle_right"]], Path(run_dir) / "eval",
+                      baselines=False, progress=False, say=lambda message: None)
+    rows = {row["image"]: row for row in result.rows}
     return {f"psnr_{name}": row["psnr"] for name, row in rows.items()} | {
         f"bpp_{name}": row["bpp"] for name, row in rows.items()}
 
 
 def teacher(run_dir: str, seed: int) -> dict[str, float]:
-    """tests/modules/test_teachers.py: linear read-out of the quick-trained tiny teacher's codes."""
+    """tests/modules/test_teachers.py: linear read-out of the shipped tiny teacher's codes."""
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "modules"))
     from test_teachers import _linear_probe_accuracy, build_teacher, tokenizer_options
 
-    torch.manual_seed(seed)  # the quick-train itself is seeded by the config: seed only moves the probe
+    torch.manual_seed(seed)  # the teacher is a shipped file: seed only moves the probe
     accuracy, majority = _linear_probe_accuracy(build_teacher(**tokenizer_options("vq_tiny")))
     return {"acc_over_majority": accuracy - majority}
 
@@ -117,8 +123,8 @@ FIGURES = {"distill": distill, "rate": rate, "latent": latent, "end_to_end": end
 def one_run(figure: str, kernels: str, seed: int, caches: str) -> dict:
     """Run one figure in a fresh process with the given kernel set; return its values."""
     with tempfile.TemporaryDirectory(prefix="onedc-spread-") as tmp:
-        # A cache per kernel set: the quick-trained teacher and VAE are trained with these kernels
-        # (their own seeds do not change with the run's), once, then shared by its runs.
+        # A cache dir per kernel set, from when the tiny VAE and teacher were trained on first use;
+        # they are shipped files now (onedc/assets), so the same weights serve every kernel set.
         env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", ONEDC_CACHE=f"{caches}/{kernels}",
                    **KERNELS[kernels])
         out = subprocess.run([sys.executable, __file__, "--worker", figure, tmp, str(seed)], env=env,

@@ -12,12 +12,29 @@ Subcommands live in :data:`SUBCOMMANDS` (name -> registrar adding its parser), s
 code are imported inside the commands: ``onedc --help`` and ``onedc info`` start fast.
 Every :class:`~onedc.errors.OneDCError` is printed as one ``error: ...`` line on stderr and
 turned into its class's exit code; outputs are written atomically (temp file + rename).
+
+Rules for real photo folders (issue 24), shared by the commands that write:
+
+* **nothing is overwritten unasked**: an existing output needs ``--force``; an input (or the
+  checkpoint, or an image beside the ``.onedc`` file being decoded) is never replaced;
+* **checks first**: the checkpoint's existence, ``-o`` (a folder this process can create files in)
+  and every output path are checked before the model loads, then every input's header
+  (``--max-pixels``, corrupt ``.onedc`` containers, unreadable images);
+* **batches**: every input is attempted; a failed one gets one ``error:`` line, a summary closes
+  the run and the exit code is 2 if any failed; ``--fail-fast`` stops at the first failure;
+* **layout**: outputs mirror the inputs' tree below the deepest folder common to all arguments
+  (a folder argument counts as itself), so two files never share an output;
+* stale temp files of a killed run are removed from the output folders, and two import-time
+  messages of third-party libraries that do not concern the user are silenced
+  (:func:`_quiet_third_party`), so stdout carries results only.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -27,22 +44,225 @@ from onedc.progress import say as _say
 
 
 def _about(path: Path, err: OneDCError) -> OneDCError:
-    """The same error class with the file it concerns in front of the message."""
-    return type(err)(f"{path}: {err}")
+    """The same error class with the file it concerns in front of the message (once)."""
+    return err if str(err).startswith(f"{path}") or f" {path}" in str(err) else type(err)(f"{path}: {err}")
 
 
-def _targets(sources: list[Path], out_dir: Path, suffix: str) -> list[Path]:
-    """OUT_DIR/<stem><suffix> for each source, refusing two sources that would share one output."""
+def _error(err: OneDCError) -> None:
+    """Print ``err`` as the one ``error: ...`` line on stderr (whitespace folded)."""
+    message = " ".join(str(err).split()) or type(err).__name__
+    print(f"error: {message}", file=sys.stderr)
+
+
+def _note(message: str) -> None:
+    """A one-line remark on stderr (what a listing skipped): stdout carries results only."""
+    print(f"note: {message}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- inputs and outputs
+def _find_inputs(inputs: Sequence[str], suffixes: frozenset[str], kind: str) -> list[tuple[Path, Path | None]]:
+    """(file, the folder its output path is relative to) for every input; folders searched recursively.
+
+    Files and folders are placed relative to the deepest folder common to all arguments (a folder
+    argument counts as itself: :func:`_layout_root`). What an image folder listing skipped (other
+    formats, hidden files) is said in one note per folder. Pure pathlib: no heavy import.
+    """
+    from onedc.coding.folders import scan_folder
+
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            what = "an image format onedc lists" if kind == "image" else f"a {kind}"
+            listing = scan_folder(item, suffixes, kind=what)
+            if not listing.files:
+                raise OneDCError(f"folder {item} holds no {kind}s (looked recursively for "
+                                 f"{', '.join(sorted(suffixes))}): pass another folder")
+            if listing.skipped and kind == "image":  # beside .onedc files, other files are expected
+                _note(f"{item}: skipped {listing.describe_skipped()}")
+            found += listing.files
+        else:
+            found.append(item)
+    root = _layout_root(list(map(Path, inputs)))
+    seen: set[str] = set()
+    unique = []
+    for path in found:  # a file named twice (itself and inside a folder argument) is coded once
+        key = os.path.abspath(path)
+        if key not in seen:
+            seen.add(key)
+            unique.append((path, root))
+    return unique
+
+
+def _layout_root(inputs: list[Path]) -> Path | None:
+    """The deepest folder holding every argument (a folder argument counts as itself), or None."""
+    anchors = [os.path.abspath(p if p.is_dir() else p.parent) for p in inputs]
+    try:
+        return Path(os.path.commonpath(anchors))
+    except ValueError:  # different drives: no common folder, outputs go flat
+        return None
+
+
+def _targets(sources: list[tuple[Path, Path | None]], out_dir: Path, suffix: str) -> list[Path]:
+    """OUT_DIR/<path relative to the layout root>/<stem><suffix> for each source: the tree mirrored.
+
+    Two files of one folder that share a stem (photo.jpg, photo.png) keep their whole name
+    (photo.jpg<suffix>), so distinct inputs get distinct outputs; the last check only guards
+    names built to collide with that rule (photo.png.jpg beside photo.png and photo.jpg).
+    """
+    stems: dict[tuple[str, str], int] = {}
+    for src, _ in sources:
+        key = (os.path.dirname(os.path.abspath(src)), src.stem)
+        stems[key] = stems.get(key, 0) + 1
     seen: dict[Path, Path] = {}
     targets = []
-    for src in sources:
-        dst = out_dir / f"{src.stem}{suffix}"
+    for src, root in sources:
+        folder = Path(os.path.dirname(os.path.abspath(src)))
+        rel = Path(os.path.relpath(folder, root)) if root is not None else Path(".")
+        name = src.name if stems[(str(folder), src.stem)] > 1 else src.stem
+        dst = out_dir / rel / f"{name}{suffix}"
         if dst in seen:
             raise OneDCError(f"inputs {seen[dst]} and {src} would both be written to {dst}: "
-                             "rename one or compress them into different output folders")
+                             "rename one or code them into different output folders")
         seen[dst] = src
         targets.append(dst)
     return targets
+
+
+def _check_checkpoint(ckpt: str, what: str = "checkpoint") -> None:
+    """A missing checkpoint is reported before anything else is done (listing, probing, loading)."""
+    from onedc.errors import CheckpointError
+
+    if not Path(ckpt).exists():
+        advice = ("Give an existing .ckpt file, exported .safetensors file or DeepSpeed folder (--ckpt)"
+                  if what == "checkpoint" else "Check the path")
+        raise CheckpointError(f"{what} not found: {ckpt}. {advice}")
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _check_outputs(pairs: list[tuple[Path, Path]], force: bool, out_dir: Path | None = None,
+                   protected: Sequence[Path] = (), beside_source_is_original: bool = False,
+                   folders_ok: bool = False) -> None:
+    """Refuse a run that would lose a file, before the model loads: one line saying what and how to proceed.
+
+    * ``out_dir`` (``-o``) must be a folder this process can create files in (probed with a temp
+      file, which is removed);
+    * no output may be an input (a source in ``pairs`` or a ``protected`` path such as the
+      checkpoint), whatever ``--force`` says;
+    * with ``beside_source_is_original`` (decompress), an existing output in its source's own
+      folder is the image the file was most likely coded from: refused even with ``--force``;
+    * an existing output is replaced only with ``--force`` (with ``folders_ok``, an output may be
+      a folder that the command fills, such as eval's ``files/``).
+    """
+    from onedc.io import TEMP_NAME, remove_stale_temp_files
+
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise OneDCError(f"-o {out_dir} is a file, not a folder: give a folder for the outputs")
+    inputs = {key: src for src in [s for s, _ in pairs] + list(protected) if (key := _identity(src)) is not None}
+    existing = []
+    for src, dst in pairs:
+        for parent in dst.parents:
+            if parent.exists() and not parent.is_dir():
+                raise OneDCError(f"cannot write {dst}: {parent} is a file, not a folder")
+            if out_dir is not None and parent == out_dir:
+                break
+        key = _identity(dst)
+        if key is None:
+            continue
+        if dst.is_dir() and not folders_ok:
+            raise OneDCError(f"output {dst} is a folder: remove it or choose another -o")
+        if key in inputs:
+            raise OneDCError(f"output {dst} is the input {inputs[key]}: onedc never overwrites its inputs, "
+                             "not even with --force; choose another -o")
+        if beside_source_is_original and _identity(dst.parent) == _identity(src.parent):
+            raise OneDCError(f"output {dst} lies beside {src} and is probably the image it was coded from: "
+                             "onedc does not replace it, not even with --force; decompress into another folder (-o)")
+        existing.append(dst)
+    if existing and not force:
+        more = f" (and {len(existing) - 1} more output(s))" if len(existing) > 1 else ""
+        raise OneDCError(f"{existing[0]} already exists{more}: pass --force to replace "
+                         f"{'them' if more else 'it'}")
+    folders = {out_dir} if out_dir is not None else set()
+    folders |= {dst.parent for _, dst in pairs}
+    probe_dir = out_dir if out_dir is not None else next(iter(folders))
+    try:
+        probe_dir.mkdir(parents=True, exist_ok=True)
+        probe = probe_dir / f".onedc-probe.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+        assert TEMP_NAME.match(probe.name)  # a killed probe is cleaned like any temp file
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OneDCError(f"cannot create files in the output folder {probe_dir} ({err.strerror or err}): "
+                         "choose a folder you can write to (-o)") from err
+    for folder in folders:
+        remove_stale_temp_files(folder)  # debris of a killed earlier run into the same folder
+
+
+class _Batch:
+    """Every input attempted: one ``error:`` line per failed file, a closing summary, the exit code.
+
+    ``fail_fast`` restores stop-at-first: the first failure is raised (one line, exit 2).
+    """
+
+    def __init__(self, verb: str, total: int, fail_fast: bool, summary_on_success: bool = True) -> None:
+        self.verb, self.total, self.fail_fast = verb, total, fail_fast
+        self.summary_on_success = summary_on_success
+        self.done: list[Path] = []
+        self.failed: list[Path] = []
+
+    def fail(self, src: Path, err: OneDCError) -> None:
+        """Record that ``src`` failed with ``err``: raise it under --fail-fast, else print its line."""
+        err = _about(src, err)
+        if self.fail_fast:
+            raise err
+        _error(err)
+        self.failed.append(src)
+
+    def finish(self) -> int:
+        """Print the summary and return the exit code: 2 if any input failed, else 0.
+
+        The summary closes a run of more than one input (on stderr when some failed, naming them;
+        else on stdout); a single input's own line (result or ``error:``) says it all.
+        """
+        if self.failed and self.total > 1:
+            names = ", ".join(map(str, self.failed))
+            print(f"{self.verb}: {len(self.done)} of {self.total} done, {len(self.failed)} failed: {names}",
+                  file=sys.stderr)
+        elif self.total > 1 and self.summary_on_success:
+            _say(f"{self.verb}: {len(self.done)} of {self.total} done")
+        return 2 if self.failed else 0
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got '{text}'")
+    return value
+
+
+def _add_batch_options(parser: argparse.ArgumentParser, limit: bool = True) -> None:
+    """--force, --fail-fast and (for the commands that decode pixels) --max-pixels."""
+    from onedc.coding.bitstream import DEFAULT_MAX_PIXELS  # pure Python: --help stays fast
+
+    parser.add_argument("--force", action="store_true",
+                        help="replace existing outputs (inputs are never replaced)")
+    parser.add_argument("--fail-fast", action="store_true",
+                        help="stop at the first file that fails (default: code every input, then report)")
+    if limit:
+        parser.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                            help=f"refuse images larger than N pixels (height x width), from the header, before "
+                                 f"anything is allocated (default: {DEFAULT_MAX_PIXELS:,}, 8192 x 6144)")
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -57,95 +277,134 @@ def _read_bytes(path: Path) -> bytes:
 
 # --------------------------------------------------------------------------- compress
 def _cmd_compress(args: argparse.Namespace) -> int:
-    from onedc.coding.images import list_images, load_image
+    from onedc.coding.images import IMAGE_SUFFIXES, check_image_header
+
+    _check_checkpoint(args.ckpt)
+    sources = _find_inputs(args.inputs, IMAGE_SUFFIXES, "image")
+    out_dir = Path(args.output)
+    targets = _targets(sources, out_dir, ".onedc")
+    sources = [src for src, _ in sources]
+    _check_outputs(list(zip(sources, targets)), args.force, out_dir, protected=[Path(args.ckpt)])
+    batch = _Batch("compress", len(sources), args.fail_fast)
+    pending = []
+    for src, dst in zip(sources, targets):  # headers only: bad or too large files fail before the model loads
+        try:
+            check_image_header(src, args.max_pixels)
+        except OneDCError as err:
+            batch.fail(src, err)
+            continue
+        pending.append((src, dst))
+    if pending:
+        _compress_files(args, pending, batch)
+    return batch.finish()
+
+
+def _compress_files(args: argparse.Namespace, pending: list[tuple[Path, Path]], batch: _Batch) -> None:
     from onedc.coding.bundle import OneDCCodec
+    from onedc.coding.images import load_image
     from onedc.io import atomic_write_bytes
 
-    sources: list[Path] = []
-    for item in map(Path, args.inputs):
-        sources += list_images(item) if item.is_dir() else [item]
-    targets = _targets(sources, Path(args.output), ".onedc")
     codec = OneDCCodec.from_checkpoint(args.ckpt, device=args.device)
-    for src, dst in _progress_bar(list(zip(sources, targets)), "compress"):
-        image = load_image(src)  # ImageReadError already names the file
-        data = codec.compress_image(image)
-        atomic_write_bytes(dst, data)
+    for src, dst in _progress_bar(pending, "compress"):
+        try:
+            image = load_image(src, max_pixels=args.max_pixels)  # ImageReadError already names the file
+            data = codec.compress_image(image)
+            atomic_write_bytes(dst, data)
+        except OneDCError as err:
+            batch.fail(src, err)
+            continue
         height, width = image.shape[-2:]
-        size = os.path.getsize(dst)
+        size = len(data)
+        batch.done.append(src)
         _say(f"{src} -> {dst}: {height}x{width}, {size} bytes, {size * 8 / (height * width):.5f} bpp")
-    return 0
 
 
 def _register_compress(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "compress", help="images -> .onedc files",
-        description="Compress images (files, or folders searched recursively) into OUT_DIR/<stem>.onedc.")
+        description="Compress images (files, or folders searched recursively) into .onedc files under OUT_DIR, "
+                    "keeping the inputs' folder layout. Every input is attempted; failures are listed at the end "
+                    "and make the exit code non-zero. Existing outputs are replaced only with --force.")
     parser.add_argument("inputs", nargs="+", metavar="IN", help="image files or folders of images")
     parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the .onedc files")
     parser.add_argument("--ckpt", required=True, help="model checkpoint (.ckpt from train.py)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    _add_batch_options(parser)
     parser.set_defaults(func=_cmd_compress)
 
 
 # --------------------------------------------------------------------------- decompress
-def _positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got '{text}'")
-    return value
-
-
-def _onedc_files(inputs: Sequence[str]) -> list[Path]:
-    files: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found = sorted(item.rglob("*.onedc"))
-            if not found:
-                raise OneDCError(f"folder {item} holds no .onedc files")
-            files += found
-        else:
-            files.append(item)
-    return files
+ONEDC_SUFFIXES = frozenset({".onedc"})
 
 
 def _cmd_decompress(args: argparse.Namespace) -> int:
+    from onedc.coding.bitstream import check_pixel_limit, decode_container
+
+    _check_checkpoint(args.ckpt)
+    sources = _find_inputs(args.inputs, ONEDC_SUFFIXES, ".onedc file")
+    out_dir = Path(args.output)
+    targets = _targets(sources, out_dir, ".png")
+    sources = [src for src, _ in sources]
+    _check_outputs(list(zip(sources, targets)), args.force, out_dir, protected=[Path(args.ckpt)],
+                   beside_source_is_original=True)
+    batch = _Batch("decompress", len(sources), args.fail_fast)
+    pending = []
+    for src, dst in zip(sources, targets):
+        # The container alone (pure Python, no model): damaged files and sizes above the limit fail
+        # here, from the header, before the model loads and before anything is allocated.
+        try:
+            check_pixel_limit(decode_container(_read_bytes(src)), args.max_pixels)
+        except OneDCError as err:
+            batch.fail(src, err)
+            continue
+        pending.append((src, dst))
+    if pending:
+        _decompress_files(args, pending, batch)
+    return batch.finish()
+
+
+def _decompress_files(args: argparse.Namespace, pending: list[tuple[Path, Path]], batch: _Batch) -> None:
+    from onedc.coding.bundle import OneDCCodec
+    from onedc.coding.images import save_image
+
     import time
 
-    from onedc.coding.images import save_image
-    from onedc.coding.bundle import OneDCCodec
     from onedc.coding.decode_options import DecodeOptions
 
-    sources = _onedc_files(args.inputs)
-    targets = _targets(sources, Path(args.output), ".png")
     options = DecodeOptions(precision=args.precision, compile=args.compile, tile_size=args.tile_size,
                             max_memory_gb=args.max_memory, batch=args.batch)
     codec = OneDCCodec.from_checkpoint(args.ckpt, device=args.device, decode_options=options)
     codec.check_steps(args.steps, setting=f"--steps {args.steps}", source=args.ckpt)
-    pairs = list(zip(sources, targets))
     start, pixels = time.perf_counter(), 0
-    # groups of up to --batch files: decompress_many batches the same-size ones within the memory bound
-    for chunk in _progress_bar([pairs[i:i + args.batch] for i in range(0, len(pairs), args.batch)], "decompress"):
-        files = [_read_bytes_about(src) for src, _ in chunk]
-        for (src, dst), decoded in zip(chunk, codec.decompress_many(files, steps=args.steps,
-                                                                    names=[str(src) for src, _ in chunk])):
-            save_image(decoded.image, dst)
+    # groups of up to --batch files: decompress_many batches the same-size ones within the memory bound;
+    # a group with a failing file is decoded again file by file, so each failure is reported on its own
+    for chunk in _progress_bar([pending[i:i + args.batch] for i in range(0, len(pending), args.batch)],
+                               "decompress"):
+        try:
+            results = list(zip(chunk, codec.decompress_many([_read_bytes(src) for src, _ in chunk], steps=args.steps,
+                                                            max_pixels=args.max_pixels)))
+        except OneDCError:
+            results = []
+            for src, dst in chunk:
+                try:
+                    results.append(((src, dst), codec.decompress_bytes(_read_bytes(src), steps=args.steps,
+                                                                       max_pixels=args.max_pixels)))
+                except OneDCError as err:
+                    batch.fail(src, err)
+        for (src, dst), decoded in results:
+            try:
+                save_image(decoded.image, dst)
+            except OneDCError as err:
+                batch.fail(src, err)
+                continue
+            batch.done.append(src)
             pixels += decoded.header.height * decoded.header.width
             _say(f"{src} -> {dst}: {decoded.header.height}x{decoded.header.width}")
     seconds = time.perf_counter() - start
-    _say(f"decoded {len(pairs)} file(s), {pixels / 1e6:.2f} MP in {seconds:.1f} s: {len(pairs) / seconds:.3f} "
-         f"images/s, {pixels / 1e6 / seconds:.3f} MP/s ({codec.decode_report.get('dtype')}, batch <= {args.batch})")
-    return 0
-
-
-def _read_bytes_about(path: Path) -> bytes:
-    try:
-        return _read_bytes(path)
-    except OneDCError as err:
-        raise _about(path, err) from err
+    if batch.done:
+        _say(f"decoded {len(batch.done)} file(s), {pixels / 1e6:.2f} MP in {seconds:.1f} s: "
+             f"{len(batch.done) / seconds:.3f} images/s, {pixels / 1e6 / seconds:.3f} MP/s "
+             f"({codec.decode_report.get('dtype')}, batch <= {args.batch})")
 
 
 def _gib(text: str) -> float:
@@ -162,7 +421,9 @@ def _gib(text: str) -> float:
 def _register_decompress(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "decompress", help=".onedc files -> PNG images",
-        description="Decompress .onedc files (or folders of them) into OUT_DIR/<stem>.png.")
+        description="Decompress .onedc files (or folders of them, searched recursively) into PNG images under "
+                    "OUT_DIR, keeping the inputs' folder layout. Every input is attempted; failures are listed "
+                    "at the end and make the exit code non-zero. Existing outputs are replaced only with --force.")
     parser.add_argument("inputs", nargs="+", metavar="FILE", help=".onedc files or folders")
     parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the PNG images")
     parser.add_argument("--ckpt", required=True, help="the checkpoint the files were written with")
@@ -170,6 +431,7 @@ def _register_decompress(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=_positive_int, default=1, metavar="N",
                         help="generator steps: 1 = the one-step decoder (default); N > 1 = the multi-step DDIM "
                              "baseline (N UNet calls; needs a latent/finetune checkpoint)")
+    _add_batch_options(parser)
     # speed settings (onedc.coding.decode_options): none changes the decoded ŷ, only the picture's rounding
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="UNet and VAE decoder precision: auto = bf16 on CPUs with native bf16 (AVX-512-BF16/AMX) "
@@ -189,30 +451,44 @@ def _register_decompress(sub: argparse._SubParsersAction) -> None:
 def _cmd_info(args: argparse.Namespace) -> int:
     from onedc.coding.bitstream import decode_container
 
-    for index, src in enumerate(map(Path, args.inputs)):
+    sources = [src for src, _ in _find_inputs(args.inputs, ONEDC_SUFFIXES, ".onedc file")]
+    # stdout is "key: value" lines: a success summary there would read as one more field
+    batch = _Batch("info", len(sources), args.fail_fast, summary_on_success=False)
+    for src in sources:
         try:
             header = decode_container(_read_bytes(src))
         except OneDCError as err:
-            raise _about(src, err) from err
-        if index:
+            batch.fail(src, err)
+            continue
+        if batch.done:
             print()
+        batch.done.append(src)
         print(f"file: {src}")
         for key, value in header.describe().items():
             print(f"{key}: {value}")
-    return 0
+    return batch.finish()
 
 
 def _register_info(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "info", help="print the header fields of .onedc files",
         description="Verify .onedc files (magic, version, CRCs) and print their header fields, one per line. "
-                    "Needs no checkpoint.")
-    parser.add_argument("inputs", nargs="+", metavar="FILE", help=".onedc files")
+                    "Takes files and folders (searched recursively). Needs no checkpoint.")
+    parser.add_argument("inputs", nargs="+", metavar="FILE", help=".onedc files or folders")
+    parser.add_argument("--fail-fast", action="store_true", help="stop at the first file that fails")
     parser.set_defaults(func=_cmd_info)
 
 
 # --------------------------------------------------------------------------- export
 def _cmd_export(args: argparse.Namespace) -> int:
+    from onedc.errors import CheckpointError
+
+    _check_checkpoint(args.ckpt)
+    output, ckpt = Path(args.output), Path(args.ckpt)
+    if output.suffix != ".safetensors":
+        raise CheckpointError(f"export writes a .safetensors file, got -o {output}")
+    protected = [ckpt, *(p for p in ckpt.rglob("*") if p.is_file())] if ckpt.is_dir() else [ckpt]
+    _check_outputs([(ckpt, output)], args.force, protected=protected)
     from onedc.coding.export import export_inference_weights
 
     out = export_inference_weights(args.ckpt, args.output)
@@ -235,6 +511,7 @@ def _register_export(sub: argparse._SubParsersAction) -> None:
                     "compress/decompress/eval accept it as --ckpt.")
     parser.add_argument("ckpt", help="stage checkpoint (.ckpt or DeepSpeed folder)")
     parser.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    parser.add_argument("--force", action="store_true", help="replace an existing output (never the checkpoint)")
     parser.set_defaults(func=_cmd_export)
 
 
@@ -246,13 +523,27 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if len(args.ckpt) < 2:
             raise OneDCError("give the image folder: onedc eval --ckpt CKPT [CKPT ...] DATA_DIR -o OUT_DIR")
         args.data = args.ckpt.pop()
+    from onedc.coding.images import scan_images
+    from onedc.eval.run import REPORT_NAMES
+
+    for ckpt in args.ckpt:
+        _check_checkpoint(ckpt)
+    data, out_dir = Path(args.data), Path(args.output)
+    images = scan_images(data).files if data.is_dir() else [data]
+    _check_outputs([(data, out_dir / name) for name in REPORT_NAMES], args.force, out_dir,
+                   protected=[*images, *map(Path, args.ckpt)], folders_ok=True)
     result = evaluate(args.ckpt, args.data, args.output, weights_dir=args.weights_dir, baselines=args.baselines,
-                      max_images=args.max_images, steps=args.steps, device=args.device)
+                      max_images=args.max_images, steps=args.steps, device=args.device, fail_fast=args.fail_fast)
     for entry in result.aggregate:
         values = ", ".join(f"{key} {entry[key]:.4f}" for key in ("bpp", "psnr", "ms_ssim", "lpips", "dists", "fid")
                            if entry.get(key) is not None)
         _say(f"{entry['codec']:<6} {entry['setting']:<24} {values}")
     _say(f"wrote {', '.join(str(p) for p in result.paths.values())}")
+    if result.failed:
+        names = ", ".join(result.failed)
+        print(f"eval: {result.images - len(result.failed)} of {result.images} images scored, "
+              f"{len(result.failed)} failed: {names}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -274,6 +565,9 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=_positive_int, default=1, metavar="N",
                         help="generator decoding steps (N > 1: multi-step baseline; needs a generator)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--force", action="store_true", help="replace the results of an earlier run in OUT_DIR")
+    parser.add_argument("--fail-fast", action="store_true",
+                        help="stop at the first image that fails (default: report on the others and list it)")
     parser.set_defaults(func=_cmd_eval)
 
 
@@ -303,8 +597,13 @@ def _import_reference_checkpoint(args: argparse.Namespace) -> int:
     if args.vae is None:
         raise OneDCError(f"import-reference {args.checkpoint} needs the VAE the checkpoint was trained with: "
                          "add --vae DIR (a diffusers SD-2.1 VAE dir, e.g. stable-diffusion-2-1/vae)")
-    from onedc.training.config import compose, to_dict
+    _check_checkpoint(args.checkpoint)
+    _check_checkpoint(args.vae, what="VAE folder")
+    output = Path(args.output)
+    inputs = [p for folder in (Path(args.checkpoint), Path(args.vae)) for p in [folder, *folder.rglob("*")]]
+    _check_outputs([(Path(args.checkpoint), output)], args.force, protected=inputs)
     from onedc.families.reference.released import import_reference
+    from onedc.training.config import compose, to_dict
 
     model = to_dict(compose([f"model={args.model}"]).model)
     out = import_reference(args.checkpoint, args.vae, args.output, model_config=model, merge_lora=args.merge_lora)
@@ -330,9 +629,43 @@ def _register_import_reference(sub: argparse._SubParsersAction) -> None:
                         help="output: a directory for --tokenizer, a .ckpt file for CHECKPOINT_DIR")
     parser.add_argument("--model", default="onedc_sd15",
                         help="model preset of the released checkpoint (default: onedc_sd15, the published OneDC)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing OUT.ckpt (CHECKPOINT_DIR mode; an existing tokenizer folder "
+                             "is never replaced: remove it first)")
     parser.add_argument("--merge-lora", action="store_true",
                         help="merge the LoRA into the UNet weights (exact); default: keep it unmerged as released")
     parser.set_defaults(func=_cmd_import_reference)
+
+
+def _cmd_make_shards(args: argparse.Namespace) -> int:
+    """Write webdataset or MDS shards from a folder or an HF dataset (onedc.datamodules.shards)."""
+    from onedc.datamodules.shards import make_shards
+
+    summary = make_shards(args.src, args.output, fmt=args.format, shard_size=args.shard_size,
+                          progress=not args.quiet, image_column=args.image_column,
+                          caption_column=args.caption_column, key_column=args.key_column)
+    skipped = f", skipped {len(summary['skipped'])} unreadable" if summary["skipped"] else ""
+    _say(f"{args.src} -> {summary['out']}: {summary['samples']} samples ({summary['captions']} with captions) "
+         f"in {summary['shards']} {args.format} shard(s){skipped}")
+    return 0
+
+
+def _register_make_shards(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "make-shards", help="write webdataset tars or MDS shards from a folder or an HF dataset",
+        description="SRC is a folder of images (captions from sidecar .txt files) or a Hugging Face dataset "
+                    "(save_to_disk dir, .arrow/.parquet). OUT must not exist; it appears complete or not at all. "
+                    "Train on the result with data=webdataset data.shards=OUT/index.wids.json or "
+                    "data=streaming data.path=OUT.")
+    parser.add_argument("src", metavar="SRC", help="image folder or HF dataset")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="new output directory")
+    parser.add_argument("--format", choices=("webdataset", "mds"), default="webdataset")
+    parser.add_argument("--shard-size", type=_positive_int, default=1000, metavar="N", help="samples per shard")
+    parser.add_argument("--image-column", default="image", help="HF image column (default: image)")
+    parser.add_argument("--caption-column", default=None, help="HF caption column (default: none)")
+    parser.add_argument("--key-column", default=None, help="HF sample-name column (default: row number)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_cmd_make_shards)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -344,7 +677,30 @@ SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "eval": _register_eval,
     "export": _register_export,
     "import-reference": _register_import_reference,
+    "make-shards": _register_make_shards,
 }
+
+
+def _is_deepspeed_accelerator_note(record: logging.LogRecord) -> bool:
+    """False for DeepSpeed's "Setting accelerator to CPU" line (printed on stdout when a DeepSpeed
+    checkpoint folder is converted on a machine without a GPU): onedc converts on the CPU on purpose."""
+    return not str(record.msg).startswith("Setting accelerator to CPU")
+
+
+def _quiet_third_party() -> None:
+    """Silence the two messages that libraries print at import and that do not concern the user.
+
+    Each is matched precisely (message and origin), so any other warning still shows: torch's
+    ``torch.jit.script`` deprecation FutureWarning, raised when compressai imports torch_geometric
+    (onedc never calls ``torch.jit.script``), and DeepSpeed's accelerator note, which its logger
+    prints on *stdout*, where the results go. The logger filter survives DeepSpeed's own set-up of
+    its "DeepSpeed" logger (``getLogger`` returns the same object; it only sets level and handler).
+    """
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning,
+                            module=r"torch\.jit\._script")
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    if _is_deepspeed_accelerator_note not in deepspeed_logger.filters:
+        deepspeed_logger.addFilter(_is_deepspeed_accelerator_note)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -364,11 +720,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``error: <message>`` as a single line on stderr and returns the error's ``exit_code``.
     """
     args = build_parser().parse_args(None if argv is None else list(argv))
+    _quiet_third_party()
     try:
         return int(args.func(args) or 0)
     except OneDCError as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
+        _error(err)
         return int(getattr(err, "exit_code", 2) or 2)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

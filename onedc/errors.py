@@ -30,6 +30,10 @@ class ImageReadError(OneDCError):
     """An input file is not a readable image."""
 
 
+class DataError(OneDCError):
+    """Too many samples of a training source cannot be used (undecodable, missing, too small)."""
+
+
 class BitstreamError(OneDCError):
     """A ``.onedc`` file cannot be decoded. Subclasses say why."""
 
@@ -56,3 +60,12 @@ class ModelMismatchError(BitstreamError):
 
 class CodingMismatchError(BitstreamError):
     """The decoder's coding decisions (rANS tables, means) differ from the encoder's."""
+
+
+class PixelLimitError(OneDCError):
+    """An image or a ``.onedc`` header declares more pixels than the allowed limit.
+
+    Raised from the declared size alone, before any pixel buffer is allocated (like Pillow's
+    ``DecompressionBombError``), so an untrusted file cannot exhaust memory; the limit is a
+    parameter (``max_pixels``; the CLI's ``--max-pixels``).
+    """

@@ -10,7 +10,7 @@ import tempfile
 import pytest
 
 _CACHE = tempfile.mkdtemp(prefix="onedc-test-cache-")
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)  # quick-trained caches are ~MBs per session
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 for _key, _value in {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -19,8 +19,6 @@ for _key, _value in {
     "MPLCONFIGDIR": os.path.join(_CACHE, "mpl"),
     "TORCH_EXTENSIONS_DIR": os.path.join(_CACHE, "torch_extensions"),
     "TOKENIZERS_PARALLELISM": "false",
-    # Quick-trained tiny teachers are cached here: once per test session, never in ~/.cache.
-    "ONEDC_CACHE": os.path.join(_CACHE, "onedc"),
 }.items():
     os.environ.setdefault(_key, _value)
 
@@ -59,3 +57,16 @@ def _seed():
 
     torch.manual_seed(0)
     yield
+
+
+
+@pytest.fixture(scope="session")
+def short_distill_ckpt(tmp_path_factory):
+    """final.ckpt of the 120-step distill run of the embedded default (tests/shared_runs.py).
+
+    Shared by the end-to-end PSNR test and the file-rate test, built once per session: what a
+    user's first short run gives, coded through real files.
+    """
+    from shared_runs import SHORT_DISTILL_STEPS, shared_run, short_distill_run
+
+    return shared_run(tmp_path_factory, f"short-distill-{SHORT_DISTILL_STEPS}", short_distill_run)

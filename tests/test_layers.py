@@ -26,16 +26,20 @@ TRAINING_LIBRARIES = ("lightning", "hydra", "omegaconf")
 LAYERS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("base", ("onedc", "onedc.errors", "onedc.io", "onedc.samples", "onedc.progress"), TRAINING_LIBRARIES),
     # the coding product's plain-data formats: image files, the .onedc container, weight files
-    ("files", ("onedc.coding.images", "onedc.coding.bitstream", "onedc.coding.checkpoints"), TRAINING_LIBRARIES),
+    # onedc.assets: the packaged weights files and their asset:NAME paths (data, no training code)
+    ("files", ("onedc.coding.images", "onedc.coding.bitstream", "onedc.coding.checkpoints", "onedc.coding.folders",
+               "onedc.assets"), TRAINING_LIBRARIES),
     ("shared modules", ("onedc.modules",), TRAINING_LIBRARIES),
     ("family modules", ("onedc.modules.light", "onedc.modules.reference"), TRAINING_LIBRARIES),
     ("families", ("onedc.families",), TRAINING_LIBRARIES),
     ("coding", ("onedc.coding", "onedc.inference"), TRAINING_LIBRARIES),
     ("evaluation", ("onedc.eval",), TRAINING_LIBRARIES),
+    # the offline recipes that make the packaged weights (photos -> trained VAE and teacher)
+    ("quick-train recipes", ("onedc.quicktrain",), TRAINING_LIBRARIES),
     ("callbacks+data", ("onedc.callbacks", "onedc.datamodules"), CONFIG_LIBRARIES),
     ("stages", ("onedc.stages",), CONFIG_LIBRARIES),
     ("training", ("onedc.training",), ()),
-    ("entry points", ("onedc.cli", "train"), ()),
+    ("entry points", ("onedc.cli", "train", "onedc.assets.make"), ()),
 )
 # Packages of one layer that must not import each other: each model family stands alone.
 SIBLINGS: tuple[tuple[str, ...], ...] = (

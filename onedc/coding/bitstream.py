@@ -36,7 +36,8 @@ still read; its decisions came from float32 and only decode on the kind of machi
 The file ends exactly after the y stream: trailing bytes are an error. The header is
 checked in an order that gives each kind of damage its own error class (all subclasses of
 :class:`~onedc.errors.BitstreamError`): magic -> :class:`BadMagicError`; version newer than
-:data:`FORMAT_VERSION` -> :class:`UnsupportedVersionError`; fewer bytes than the header or the
+:data:`FORMAT_VERSION` (by at most a few, :data:`MAX_NEWER_VERSION`) -> :class:`UnsupportedVersionError`,
+a version further ahead or 0 -> the base :class:`BitstreamError` (a damaged header); fewer bytes than the header or the
 lengths say -> :class:`TruncatedBitstreamError`; header or payload CRC -> :class:`ChecksumError`;
 model id other than the decoder's -> :class:`ModelMismatchError`. Field values that a CRC-valid
 header can still carry only if written by a broken or hostile writer (sizes out of range,
@@ -55,6 +56,7 @@ from onedc.errors import (
     BitstreamError,
     ChecksumError,
     ModelMismatchError,
+    PixelLimitError,
     TruncatedBitstreamError,
     UnsupportedVersionError,
 )
@@ -64,6 +66,14 @@ FORMAT_VERSION = 2
 MODEL_ID_BYTES = 16
 MAX_SIDE = 65535  # image height/width limit (pixels)
 MAX_PADDED_PIXELS = 1 << 28  # 16384^2: bounds what a crafted header can make a decoder allocate
+#: The largest version still reported as "newer, upgrade onedc": formats change rarely, so a version
+#: further ahead (a flipped high byte gives 65282) is a damaged header, not a future file.
+MAX_NEWER_VERSION = FORMAT_VERSION + 8
+#: Default pixel limit (height x width) for decoding untrusted files and reading input images:
+#: 48 Mi pixels (8192 x 6144), above every camera up to 50 MP. The tiny model grows by about 450
+#: bytes per pixel when it decodes (measured between 1024^2 and 2048^2 on CPU), so this is about
+#: what a 24 GB machine holds; a forged header (up to 16384^2, 268 M) is refused from the header.
+DEFAULT_MAX_PIXELS = 48 * 1024 * 1024
 
 # Everything before header_crc; the "<" prefix means little-endian with no alignment padding.
 _FIELDS = struct.Struct("<4sHH16sIIHHHHHBBIIIII")  # version 2: + fix_len, symbol_crc
@@ -232,13 +242,13 @@ def decode_container(data: bytes, expected_model_id: bytes | None = None) -> Con
     magic, version = _PREFIX.unpack_from(data)
     if magic != MAGIC:
         raise BadMagicError(_bad_magic_message(data))
+    if version > MAX_NEWER_VERSION or version == 0:
+        raise BitstreamError(f"file declares .onedc format version {version}, which no onedc has written (this "
+                             f"onedc writes version {FORMAT_VERSION}): the file header is corrupt")
     if version > FORMAT_VERSION:
         raise UnsupportedVersionError(
             f"file uses .onedc format version {version}, this onedc reads up to version {FORMAT_VERSION}: "
             "upgrade onedc to decode it")
-    if version == 0:
-        raise UnsupportedVersionError("file declares .onedc format version 0, which does not exist: "
-                                      "the file is corrupt or was not written by onedc")
     layout = _FIELDS_V1 if version == 1 else _FIELDS
     expected_header = layout.size + _HEADER_CRC.size
     if len(data) < expected_header:
@@ -286,6 +296,19 @@ def decode_container(data: bytes, expected_model_id: bytes | None = None) -> Con
             f"file was written by model {model_id.hex()}, but the given checkpoint is model "
             f"{bytes(expected_model_id).hex()}: pass the checkpoint the file was written with (--ckpt)")
     return container
+
+
+def check_pixel_limit(container: Container, max_pixels: int | None) -> None:
+    """Raise :class:`~onedc.errors.PixelLimitError` when the file declares more than ``max_pixels``.
+
+    Uses the header alone (height x width), so it runs before a decoder allocates anything;
+    ``None`` means no limit beyond the format's own (:data:`MAX_PADDED_PIXELS`).
+    """
+    pixels = container.height * container.width
+    if max_pixels is not None and pixels > max_pixels:
+        raise PixelLimitError(
+            f"file declares {container.height}x{container.width} = {pixels:,} pixels, above the limit of "
+            f"{max_pixels:,} (--max-pixels, or max_pixels= in Python): raise the limit only for a file you trust")
 
 
 def _bad_magic_message(data: bytes) -> str:

@@ -35,7 +35,15 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from onedc.coding.bitstream import MAX_PADDED_PIXELS, MAX_SIDE, Container, decode_container, encode_container
+from onedc.coding.bitstream import (
+    DEFAULT_MAX_PIXELS,
+    MAX_PADDED_PIXELS,
+    MAX_SIDE,
+    Container,
+    check_pixel_limit,
+    decode_container,
+    encode_container,
+)
 from onedc.coding.checkpoints import read_weights
 from onedc.coding.decode_options import DecodeOptions, batch_size, prepare_decoder, vae_plan
 from onedc.errors import BitstreamError, CheckpointError, CodingMismatchError, OneDCError
@@ -301,17 +309,22 @@ class OneDCCodec(nn.Module):
         return (files, coded["y_hat"]) if with_y_hat else files
 
     @torch.no_grad()
-    def decompress_bytes(self, data: bytes, steps: int = 1) -> DecodedImage:
+    def decompress_bytes(self, data: bytes, steps: int = 1,
+                         max_pixels: int | None = DEFAULT_MAX_PIXELS) -> DecodedImage:
         """Decode the bytes of a ``.onedc`` file written by this model into an image.
 
-        The container is verified first (magic, version, CRCs, model id); then ẑ and ŷ are
-        entropy-decoded, turned into a VAE latent by :meth:`_latent_from` and decoded by the VAE.
-        Every failure raises a :class:`~onedc.errors.BitstreamError` subclass, including errors
-        inside the entropy decoder on a file whose checksum was forged. ``steps > 1`` decodes
-        with the multi-step baseline of the generator (see :meth:`_latent_from`).
+        The container is verified first (magic, version, CRCs, model id) and its declared size
+        checked against ``max_pixels`` (height x width; ``None``: no limit) before anything is
+        allocated: a larger file raises :class:`~onedc.errors.PixelLimitError`, so an untrusted
+        file cannot exhaust memory. Then ẑ and ŷ are entropy-decoded, turned into a VAE latent by
+        :meth:`_latent_from` and decoded by the VAE. Every other failure raises a
+        :class:`~onedc.errors.BitstreamError` subclass, including errors inside the entropy
+        decoder on a file whose checksum was forged. ``steps > 1`` decodes with the multi-step
+        baseline of the generator (see :meth:`_latent_from`).
         """
         self.check_steps(steps)
         header = decode_container(data, expected_model_id=self.model_id)
+        check_pixel_limit(header, max_pixels)
         decoded = self._entropy_decode(header)
         latent = self._latent_from(decoded, steps=steps)
         image = self._vae_decode(latent)
@@ -320,25 +333,21 @@ class OneDCCodec(nn.Module):
 
     @torch.no_grad()
     def decompress_many(self, files: list[bytes], steps: int = 1,
-                        names: list[str] | None = None) -> list[DecodedImage]:
+                        max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[DecodedImage]:
         """Decode several files, one generator and VAE call per group of same-size files; results in order.
 
         Each file is checked and entropy-decoded on its own (its ŷ is the one
         :meth:`decompress_bytes` gives, bit for bit); files of one padded size are then batched
         through the generator and the VAE, at most as many as the decode options' memory bound
         and ``batch`` allow (one at a time without options). Batching changes the picture only
-        by kernel rounding. ``names`` (one per file) prefix the message of an error in that file.
+        by kernel rounding. Every file is checked against ``max_pixels`` from its header first, as
+        in :meth:`decompress_bytes`; the first failing file raises its error.
         """
         self.check_steps(steps)
-        entries = []
-        for index, data in enumerate(files):
-            try:
-                header = decode_container(data, expected_model_id=self.model_id)
-                entries.append((header, self._entropy_decode(header)))
-            except OneDCError as err:
-                if names is None:
-                    raise
-                raise type(err)(f"{names[index]}: {err}") from err
+        headers = [decode_container(data, expected_model_id=self.model_id) for data in files]
+        for header in headers:
+            check_pixel_limit(header, max_pixels)
+        entries = [(header, self._entropy_decode(header)) for header in headers]
         results: list[DecodedImage | None] = [None] * len(entries)
         groups: dict[tuple[int, int], list[int]] = {}
         for index, (header, _) in enumerate(entries):

@@ -14,18 +14,28 @@ Pillow and torch, so the ``onedc compress`` path never pulls in Lightning for a 
 from __future__ import annotations
 
 import io
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from onedc.errors import ImageReadError, OneDCError
+from onedc.coding.folders import Listing, scan_folder
+from onedc.errors import ImageReadError, OneDCError, PixelLimitError
 from onedc.io import atomic_write
 
+# The still-image formats that Pillow decodes by itself (no Ghostscript, no OS codec), GIF and
+# APNG included (their first frame, as for a file named on the command line). Pillow registers
+# more suffixes (video stubs such as .mpg, EPS, HDF5, ...) that a photo folder holds for other
+# reasons: a folder listing skips them and says so; they still work when named one by one.
+_STILL_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".gif", ".webp", ".bmp", ".dib", ".tif",
+                   ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi", ".jp2", ".j2k", ".avif"}
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+    suffix for suffix, fmt in Image.registered_extensions().items()
+    if suffix in _STILL_SUFFIXES and fmt in Image.OPEN  # .avif only where this Pillow reads it
 )
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _TRANSPARENT_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
@@ -41,7 +51,7 @@ def _read_error(path: Path, exc: BaseException) -> ImageReadError:
         reason, advice = "not an image format Pillow recognises", "Remove or convert the file"
     else:
         reason = f"corrupt or truncated file ({type(exc).__name__}: {exc})"
-        advice = "Re-export or remove the file, or set data.skip_bad=true to drop unreadable files with a warning"
+        advice = "Re-export or remove the file"
     return ImageReadError(f"cannot read image {path}: {reason}. {advice}.")
 
 
@@ -68,7 +78,48 @@ def _to_unit_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
 
 
-def load_image(path: str | Path) -> Tensor:
+@contextmanager
+def _own_pixel_limit(max_pixels: int | None) -> Iterator[None]:
+    """With a limit of onedc's own, switch off Pillow's (a process-wide setting) while opening.
+
+    Pillow warns above ``Image.MAX_IMAGE_PIXELS`` and refuses above twice that; onedc checks its
+    ``max_pixels`` itself right after ``open`` (which reads the header only), so a user who raises
+    the limit is not stopped by Pillow's, and one who lowers it gets onedc's message.
+    """
+    if max_pixels is None:
+        yield
+        return
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int | None) -> None:
+    width, height = size
+    if max_pixels is not None and width * height > max_pixels:
+        raise PixelLimitError(f"image {path} is {height}x{width} = {width * height:,} pixels, above the limit of "
+                              f"{max_pixels:,} (--max-pixels, or max_pixels= in Python): raise the limit to code it")
+
+
+def check_image_header(path: str | Path, max_pixels: int | None = None) -> tuple[int, int]:
+    """Open ``path``'s header only and return its (height, width), without decoding any pixel.
+
+    Raises :class:`~onedc.errors.ImageReadError` when Pillow does not recognise the file and
+    :class:`~onedc.errors.PixelLimitError` when it declares more than ``max_pixels`` pixels.
+    """
+    path = Path(path)
+    try:
+        with _own_pixel_limit(max_pixels), Image.open(path) as image:
+            size = image.size
+    except Exception as exc:  # noqa: BLE001 - see load_image
+        raise _read_error(path, exc) from exc
+    _check_pixels(path, size, max_pixels)
+    return size[1], size[0]
+
+
+def load_image(path: str | Path, max_pixels: int | None = None) -> Tensor:
     """Read one image file into a float32 tensor of shape (3, H, W) with values in [-1, 1].
 
     Any Pillow mode is accepted: grayscale (L, I;16, I, F) is repeated over three channels,
@@ -76,19 +127,42 @@ def load_image(path: str | Path) -> Tensor:
     composited on white, and the EXIF orientation is applied. Truncated files are decoded
     eagerly, so they fail here (this relies on ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` being
     left False, which onedc never changes). Every failure, including a missing file, raises
-    :class:`~onedc.errors.ImageReadError` with a message naming ``path``.
+    :class:`~onedc.errors.ImageReadError` with a message naming ``path``. With ``max_pixels``,
+    an image declaring more pixels (height x width) raises :class:`~onedc.errors.PixelLimitError`
+    from its header, before any pixel is decoded; without it, Pillow's own bomb limit applies.
     """
     path = Path(path)
     try:
-        with Image.open(path) as image:
+        with _own_pixel_limit(max_pixels), Image.open(path) as image:
+            _check_pixels(path, image.size, max_pixels)  # header only: nothing decoded yet
             # Pillow decodes lazily; load() inside the try makes truncation fail here.
             image.load()
             image = ImageOps.exif_transpose(image)
             rgb = _to_unit_rgb(image)
+    except PixelLimitError:
+        raise
     # Pillow's format plugins raise a wide variety of types for corrupt data (OSError,
     # SyntaxError, ValueError, struct.error, ...); all of them mean "unreadable file".
     except Exception as exc:  # noqa: BLE001
         raise _read_error(path, exc) from exc
+    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))) * 2.0 - 1.0
+
+
+def decode_image(data: bytes, name: str) -> Tensor:
+    """Decode encoded image bytes like :func:`load_image` decodes a file: float32 (3, H, W) in [-1, 1].
+
+    The same mode handling (16-bit, alpha over white, EXIF orientation); any failure, empty
+    data included, raises :class:`~onedc.errors.ImageReadError` naming ``name`` (a sample key).
+    """
+    try:
+        if not data:
+            raise ValueError("no image bytes")
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            rgb = _to_unit_rgb(image)
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for corrupt data
+        raise _read_error(Path(name), exc) from exc
     return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))) * 2.0 - 1.0
 
 
@@ -110,31 +184,31 @@ def probe_short_side(path: Path, full_decode: bool) -> int:
     return short_side
 
 
+def scan_images(root: str | Path) -> Listing:
+    """List the image files under ``root`` recursively (suffix in :data:`IMAGE_SUFFIXES`), and what was left out.
+
+    See :func:`onedc.coding.folders.scan_folder`: hidden files and other suffixes are reported in
+    :attr:`~onedc.coding.folders.Listing.skipped`. Raises :class:`~onedc.errors.OneDCError` naming
+    ``root`` when it is not a folder.
+    """
+    if not Path(root).is_dir():
+        raise OneDCError(f"image folder {root} does not exist or is not a folder. Check the path.")
+    return scan_folder(root, IMAGE_SUFFIXES, kind="an image format onedc lists")
+
+
 def list_images(root: str | Path) -> list[Path]:
     """List the image files under ``root``, recursively, sorted by relative path.
 
-    A file counts as an image when its suffix is one of :data:`IMAGE_SUFFIXES` (compared
-    case-insensitively). Hidden files and folders (names starting with ".") are left out,
-    because they are editor or OS debris such as macOS ``._photo.jpg`` resource forks, which
-    carry an image suffix but are not images. Raises :class:`~onedc.errors.OneDCError` naming
-    ``root`` when it is not a folder or holds no image.
+    The files of :func:`scan_images` (which also says what it left out). Raises
+    :class:`~onedc.errors.OneDCError` naming ``root`` when it is not a folder or holds no image.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise OneDCError(f"image folder {root} does not exist or is not a folder. Check the path.")
-    files = [
-        p
-        for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        and p.is_file()
-    ]
+    files = scan_images(root).files
     if not files:
         raise OneDCError(
             f"image folder {root} holds no images (looked recursively for "
             f"{', '.join(sorted(IMAGE_SUFFIXES))}). Put images there or pass another folder."
         )
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+    return files
 
 
 def decode_uint8(data: bytes) -> Tensor:

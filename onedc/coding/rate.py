@@ -9,7 +9,7 @@ Used by ``benchmarks/`` and the tests to check that the entropy coder writes wha
 term of training pays for. The estimate is each codec family's own, through one seam: its
 ``rate_bits(out)`` (bits per image of an eval forward's output) and ``z_bits_per_image(shape)``.
 ``HyperpriorCodec``: -Σlog2 p(ŷ) + rANS flush + z bits; the reference codec
-(``CodingReferenceCodec``): REFERENCE.md §4.6's Σ bits + 14 per z index. Coding layer
+(``CodingReferenceCodec``): docs/reference-model.md §4.6's Σ bits + 14 per z index. Coding layer
 (docs/architecture.md).
 """
 from __future__ import annotations

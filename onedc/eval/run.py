@@ -5,7 +5,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -36,14 +36,24 @@ def _row(codec: str, setting: str, image_id: str, reference: Tensor, decoded: Te
     return row
 
 
+#: What :func:`evaluate` writes in its output folder (``files/`` holds the .onedc files).
+REPORT_NAMES = ("per_image.csv", "per_image.json", "aggregate.json", "rd.png", "files")
+
+
 @dataclass
 class EvalResult:
-    """What :func:`evaluate` produced: rows, aggregate entries, written paths, and notes."""
+    """What :func:`evaluate` produced: rows, aggregate entries, written paths, notes, and failures.
+
+    ``failed`` maps the id of each image that could not be read or coded to its error message;
+    those images are left out of every row and aggregate. ``images`` counts all images tried.
+    """
 
     rows: list[dict[str, Any]]
     aggregate: list[dict[str, Any]]
     paths: dict[str, Path]
     notes: list[str]
+    failed: dict[str, str] = field(default_factory=dict)
+    images: int = 0
 
 
 def checkpoint_labels(paths: Sequence[str | Path]) -> list[str]:
@@ -90,6 +100,7 @@ def evaluate(
     feature_extractor: nn.Module | None = None,
     progress: bool = True,
     say: Callable[[str], None] | None = None,
+    fail_fast: bool = False,
 ) -> EvalResult:
     """Evaluate checkpoints (a λ ladder) on the images of ``data``, writing the results to ``out_dir``.
 
@@ -98,7 +109,12 @@ def evaluate(
     ``baselines``: JPEG and WebP at each quality of the ladders, and per image and checkpoint at
     the quality whose file bpp is closest to onedc's (setting ``matched:<ckpt>``). Writes
     ``per_image.csv``, ``per_image.json``, ``aggregate.json`` and ``rd.png``. ``say`` receives
-    the one-line notes (missing perceptual weights), default: stderr.
+    the one-line notes (missing perceptual weights, failed images), default: stderr.
+
+    An image that cannot be read or coded (:class:`~onedc.errors.OneDCError`) is reported with one
+    ``error:`` line through ``say``, left out of every row and aggregate, and listed in
+    ``aggregate.json`` (``failed``) and :attr:`EvalResult.failed`; the others are evaluated. With
+    ``fail_fast`` the first such error is raised instead; so is the error when no image is left.
     """
     say = say or (lambda message: print(message, file=sys.stderr))
     if not ckpts:
@@ -113,12 +129,20 @@ def evaluate(
 
     rows: list[dict[str, Any]] = []
     real_features: dict[str, Tensor | None] = {}
-    fake_features: dict[tuple[str, str], list[Tensor]] = {}
+    fake_features: dict[tuple[str, str], list[tuple[str, Tensor]]] = {}
+    failed: dict[str, str] = {}
 
     def add(row: dict[str, Any], feats: Tensor | None) -> None:
         rows.append(row)
         if feats is not None:
-            fake_features.setdefault((row["codec"], row["setting"]), []).append(feats)
+            fake_features.setdefault((row["codec"], row["setting"]), []).append((row["image"], feats))
+
+    def fail(image_id: str, path: Path, err: OneDCError) -> None:
+        if fail_fast:
+            raise err
+        message = " ".join(str(err).split())
+        failed[image_id] = message if str(path) in message else f"{path}: {message}"
+        say(f"error: {failed[image_id]}")
 
     def reference(image_id: str, path: Path) -> Tensor:
         x = to_uint8(load_image(path))
@@ -131,24 +155,36 @@ def evaluate(
         codec = OneDCCodec.from_checkpoint(ckpt, device=device)
         codec.check_steps(steps, source=ckpt)
         for image_id, path in progress_bar(images, f"onedc {label}", unit="image", enabled=progress):
-            image = load_image(path)
-            x = reference(image_id, path)
-            start = time.perf_counter()
-            data_bytes = codec.compress_image(image)
-            enc_ms = (time.perf_counter() - start) * 1e3
-            target = atomic_write_bytes(out_dir / "files" / label / f"{image_id}.onedc", data_bytes)
-            start = time.perf_counter()
-            decoded = to_uint8(codec.decompress_bytes(target.read_bytes(), steps=steps).image)
-            dec_ms = (time.perf_counter() - start) * 1e3
+            if image_id in failed:
+                continue
+            try:
+                image = load_image(path)
+                x = reference(image_id, path)
+                start = time.perf_counter()
+                data_bytes = codec.compress_image(image)
+                enc_ms = (time.perf_counter() - start) * 1e3
+                target = atomic_write_bytes(out_dir / "files" / label / f"{image_id}.onedc", data_bytes)
+                start = time.perf_counter()
+                decoded = to_uint8(codec.decompress_bytes(target.read_bytes(), steps=steps).image)
+                dec_ms = (time.perf_counter() - start) * 1e3
+            except OneDCError as err:
+                fail(image_id, path, err)
+                continue
             row = _row("onedc", label, image_id, x, decoded, os.path.getsize(target), perceptual, steps=steps,
                        enc_ms=enc_ms, dec_ms=dec_ms, file=str(target.relative_to(out_dir)))
             onedc_bpp[(label, image_id)] = row["bpp"]
             add(row, perceptual.patch_features(decoded))
         del codec
 
+    # An image that failed under one checkpoint leaves every curve: all points average one image set.
+    rows = [row for row in rows if row["image"] not in failed]
+    if len(failed) == len(images):
+        raise OneDCError(f"none of the {len(images)} image(s) could be evaluated: {'; '.join(failed.values())}")
     if baselines:
         ladders = {"jpeg": jpeg_qualities, "webp": webp_qualities}
         for image_id, path in progress_bar(images, "jpeg/webp", unit="image", enabled=progress):
+            if image_id in failed:
+                continue
             x = reference(image_id, path)
             # (codec, quality) -> scored row + patch features: a quality shared by the ladder and
             # matched points (or by checkpoints of equal bpp) is scored once.
@@ -172,9 +208,11 @@ def evaluate(
 
     entries = aggregate(rows)
     if perceptual.features is not None:
-        real = [f for f in real_features.values() if f is not None]
+        real = [f for image_id, f in real_features.items() if f is not None and image_id not in failed]
         for entry in entries:
-            entry.update(fid_kid(real, fake_features.get((entry["codec"], entry["setting"]), [])))
+            pairs = fake_features.get((entry["codec"], entry["setting"]), [])
+            fake = [f for image_id, f in pairs if image_id not in failed]
+            entry.update(fid_kid(real, fake))
         if all(e["fid_patches"] < 2 for e in entries):
             notes.append(f"FID/KID left empty: fewer than 2 patches of {FID_PATCH} px (images too small)")
             say(notes[-1])
@@ -187,9 +225,9 @@ def evaluate(
         "json": write_text(out_dir / "per_image.json", json.dumps(jsonable(rows), indent=1)),
         "aggregate": write_text(out_dir / "aggregate.json", json.dumps(jsonable({
             "checkpoints": {label: str(c) for label, c in zip(labels, ckpts)},
-            "images": len(images), "steps": steps, "notes": notes,
+            "images": len(images) - len(failed), "failed": failed, "steps": steps, "notes": notes,
             "missing_weights": perceptual.missing, "results": entries}), indent=1)),
     }
-    title = f"{len(images)} image(s) from {data if isinstance(data, (str, Path)) else 'inputs'}"
+    title = f"{len(images) - len(failed)} image(s) from {data if isinstance(data, (str, Path)) else 'inputs'}"
     paths["plot"] = atomic_write_bytes(out_dir / "rd.png", rd_plot(entries, title=title))
-    return EvalResult(rows=rows, aggregate=entries, paths=paths, notes=notes)
+    return EvalResult(rows=rows, aggregate=entries, paths=paths, notes=notes, failed=failed, images=len(images))

@@ -97,8 +97,8 @@ class ModelFamily(abc.ABC):
 
     # ------------------------------------------------------------------ building
     @abc.abstractmethod
-    def build_vae(self, model_config: Mapping[str, Any], device: Any = None, quick_train: bool = False) -> nn.Module:
-        """The frozen VAE of ``model_config["vae"]`` (``quick_train`` only for the training stages)."""
+    def build_vae(self, model_config: Mapping[str, Any], device: Any = None) -> nn.Module:
+        """The frozen VAE of ``model_config["vae"]``."""
 
     @abc.abstractmethod
     def build_codec(self, model_config: Mapping[str, Any], vae_channels: int) -> nn.Module:

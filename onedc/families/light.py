@@ -27,17 +27,11 @@ from onedc.modules.vae import build_vae
 
 
 # --------------------------------------------------------------------------- dict -> kwargs
-def vae_kwargs(model_config: Mapping[str, Any], quick_train: bool = False) -> dict[str, Any]:
-    """Keyword arguments of :func:`onedc.modules.vae.build_vae` for ``model_config["vae"]``.
-
-    ``quick_train=True`` (the training stages) passes ``model.vae.quick_train`` on; everything
-    that loads checkpoints leaves it out, since they hold all VAE weights.
-    """
+def vae_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of :func:`onedc.modules.vae.build_vae` for ``model_config["vae"]``."""
     vae = dict(model_config["vae"])
     kwargs: dict[str, Any] = dict(pretrained=vae.get("pretrained"), config=vae.get("config"),
                                   seed=int(vae.get("seed", 0)), scaling_factor=vae.get("scaling_factor"))
-    if quick_train and vae.get("quick_train") is not None:
-        kwargs["quick_train"] = vae["quick_train"]
     return kwargs
 
 
@@ -75,8 +69,8 @@ class LightFamily(ModelFamily):
     codec_decoder_prefixes = ("codec.h_s.", "codec.entropy_parameters.", "codec.h_sem.", "codec.token_norm.",
                               "codec.g_s.", "codec.to_latent.", "codec.gaussian_conditional.")
 
-    def build_vae(self, model_config: Mapping[str, Any], device: Any = None, quick_train: bool = False) -> nn.Module:
-        return build_vae(**vae_kwargs(model_config, quick_train=quick_train), device=device)
+    def build_vae(self, model_config: Mapping[str, Any], device: Any = None) -> nn.Module:
+        return build_vae(**vae_kwargs(model_config), device=device)
 
     def build_codec(self, model_config: Mapping[str, Any], vae_channels: int) -> nn.Module:
         """The ``HyperpriorCodec`` (no meta option: CompressAI's GDN initialises from real tensors)."""

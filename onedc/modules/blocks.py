@@ -1,9 +1,9 @@
-"""Building blocks of the reference OneDC codec (REFERENCE.md §3), in the released key layout.
+"""Building blocks of the reference OneDC codec (docs/reference-model.md §3), in the released key layout.
 
 Every class keeps the submodule names of the released ``model_1.safetensors`` (``norm1``,
 ``conv1``, ``nin_shortcut``, ``block.0``, ``subpel_conv.0`` ...), so a strict
 ``load_state_dict`` of the authors' file fits without renaming. Implemented from the facts
-in REFERENCE.md only.
+in docs/reference-model.md only.
 
 ::
 
@@ -33,7 +33,7 @@ class VQGANResnetBlock(nn.Module):
     """RB*(i→o): the VQGAN residual block with the reference's shortcut quirk.
 
     When the widths differ the 1x1 ``nin_shortcut`` is applied to the residual branch's output
-    ``h`` and the block input is discarded (``h + nin(h)``, REFERENCE.md §3 and pitfall 1);
+    ``h`` and the block input is discarded (``h + nin(h)``, docs/reference-model.md §3 and pitfall 1);
     with equal widths it is the usual ``x + h``. Convolutions carry no bias.
     """
 

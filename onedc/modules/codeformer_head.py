@@ -1,4 +1,4 @@
-"""The paper's code-prediction head ("Codeformer", REFERENCE §9): semantic tokens -> teacher logits.
+"""The paper's code-prediction head ("Codeformer", docs/reference-model.md §9): semantic tokens -> teacher logits.
 
 ::
 

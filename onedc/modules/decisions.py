@@ -108,7 +108,7 @@ def decide(means: Tensor, scales: Tensor, scale_table: Tensor, snap: str = "up")
     with the next table scale at or above it: the index equals CompressAI's
     ``GaussianConditional.build_indexes`` (the number of table scales below σ, capped at the
     last table). ``snap="down"`` codes it with the last table scale at or below it (the OneDC
-    reference, REFERENCE.md §7: the number of table scales after the first that are <= σ).
+    reference, docs/reference-model.md §7: the number of table scales after the first that are <= σ).
     Both are computed here in float64 instead of the model's dtype.
     """
     m = torch.nan_to_num(means.to(torch.float64)) / MEAN_STEP

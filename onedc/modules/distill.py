@@ -10,7 +10,7 @@ conditioned on something that already "means" the image::
         feature teacher: features (B,C,H,W) -> 1 - cos (or MSE) against the teacher's patch features
 
 ``head_type="codeformer"`` swaps the transformer head for the paper's Swin head
-(:class:`~onedc.modules.codeformer_head.CodeformerHead`, REFERENCE §9). The head is dropped
+(:class:`~onedc.modules.codeformer_head.CodeformerHead`, docs/reference-model.md §9). The head is dropped
 after training; only the loss gradient reaching ``sem`` matters. ``loss_weight`` scales the
 whole term (the reference: 1e-3 · [CE + 0.01 · MSE]); the stage's distillation weight
 multiplies on top.

@@ -1,4 +1,4 @@
-"""MaskGIT-VQGAN tokenizer files -> diffusers ``VQModel``: the exact conversion of REFERENCE §8.
+"""MaskGIT-VQGAN tokenizer files -> diffusers ``VQModel``: the exact conversion of docs/reference-model.md §8.
 
 The paper's teacher ships as ``maskgit-vqgan-imagenet-f16-256.bin``, a plain state dict
 (``encoder.down.i.block.j.*``, ``decoder.up.i.*``, ``quantize.embedding.weight``) of an
@@ -63,7 +63,7 @@ def maskgit_vqmodel_config(state: Mapping[str, Tensor], *, norm_num_groups: int 
     """diffusers ``VQModel`` kwargs for a MaskGIT state dict, sizes read from its tensors.
 
     The full-size file gives block_out_channels (128, 128, 256, 256, 512), layers_per_block 2,
-    latent/vq_embed_dim 256 and 1024 codes (REFERENCE §8). GroupNorm groups are not visible in
+    latent/vq_embed_dim 256 and 1024 codes (docs/reference-model.md §8). GroupNorm groups are not visible in
     the weights; MaskGIT uses 32.
     """
     if not is_maskgit_state_dict(state) or "encoder.conv_in.weight" not in state:
@@ -135,7 +135,7 @@ def _vqmodel_shapes(config: Mapping[str, Any]) -> dict[str, torch.Size]:
 def convert_maskgit_state_dict(state: Mapping[str, Tensor], *, norm_num_groups: int = 32,
                                path: str | Path = "the tokenizer state dict"
                                ) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """(VQModel kwargs, VQModel state dict) equivalent to a MaskGIT state dict (REFERENCE §8).
+    """(VQModel kwargs, VQModel state dict) equivalent to a MaskGIT state dict (docs/reference-model.md §8).
 
     The source is checked key by key first: a wrong, truncated or foreign file raises one
     :class:`WeightsError` line naming ``path`` and the offending keys. Tensors are float32;
@@ -239,7 +239,7 @@ def import_maskgit_tokenizer(src: str | Path, out_dir: str | Path, *, norm_num_g
         staging.mkdir(parents=True)
         model.save_pretrained(str(staging), safe_serialization=True)
         provenance = {"source": src.name, "source_sha256": _sha256(src),
-                      "conversion": "MaskGIT-VQGAN -> diffusers VQModel (REFERENCE.md §8)"}
+                      "conversion": "MaskGIT-VQGAN -> diffusers VQModel (docs/reference-model.md §8)"}
         (staging / "onedc_import.json").write_text(json.dumps(provenance, indent=1) + "\n")
         staging.rename(out_dir)
     except OSError as err:

@@ -4,10 +4,10 @@ The VAE defines the latent space the whole codec lives in (SD: 4 channels at 1/8
 trained: parameters are frozen, the module stays in eval mode, and ``encode`` / ``decode``
 handle the latent scaling factor so that the rest of onedc sees unit-variance latents.
 
-The tiny preset's random VAE can be quick-trained (``quick_train``, see
-:mod:`onedc.modules.vae_quick_train`) so that it reconstructs; ``identity`` names the weights a
-VAE was built with (content hash, or architecture + seed for random weights) and is recorded
-in stage checkpoints.
+Weights come from a diffusers directory, a state-dict file of the configured architecture
+(the embedded default's ``asset:tiny_vae``, made offline by ``python -m onedc.assets.make``, is
+one), or a seed (random). ``identity`` names the weights a VAE was built with (content hash, or
+architecture + seed for random weights) and is recorded in stage checkpoints.
 """
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from onedc.assets import resolve_pretrained
 from onedc.errors import WeightsError
+from onedc.modules.state_dict_files import STATE_DICT_SUFFIXES, load_state_dict_file
 from onedc.modules.weights import diffusers_model_dir
 
 
@@ -86,11 +88,31 @@ class FrozenVAE(nn.Module):
 
 
 def _weights_identity(path: Path) -> str:
-    """``AutoencoderKL:sha256=...`` over a diffusers dir's config and weight files (content, not location)."""
+    """``AutoencoderKL:sha256=...`` over a state-dict file, or a diffusers dir's config and weight
+    files (content, not location)."""
     from onedc.modules.teachers import _sha256_files
 
-    files = sorted(p for p in path.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
+    files = [path] if path.is_file() else sorted(
+        p for p in path.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
     return f"AutoencoderKL:sha256={_sha256_files(files)}"
+
+
+_FILE_FORMAT = "a .safetensors/.bin/.pt state-dict file of the AutoencoderKL described by model.vae.config"
+
+
+def _load_file(path: Path, config: dict[str, Any] | None, device: str | torch.device | None) -> nn.Module:
+    """The ``AutoencoderKL`` of ``config`` with the tensors of the state-dict file ``path`` (strict)."""
+    from diffusers import AutoencoderKL
+
+    if config is None:
+        raise WeightsError(f"the VAE weights {path} are a state-dict file: set model.vae.config to its "
+                           "architecture (diffusers AutoencoderKL kwargs)")
+    with torch.device("meta"):
+        autoencoder = AutoencoderKL(**config)
+    if str(device) == "meta":
+        return autoencoder
+    return load_state_dict_file(autoencoder, path, what="the AutoencoderKL of model.vae.config",
+                                expected=_FILE_FORMAT)
 
 
 def _load_dir(path: Path, what: str) -> nn.Module:
@@ -108,36 +130,30 @@ def build_vae(
     config: dict[str, Any] | None = None,
     seed: int = 0,
     scaling_factor: float | None = None,
-    quick_train: dict[str, Any] | None = None,
     device: str | torch.device | None = None,
 ) -> FrozenVAE:
-    """Build the frozen VAE from a local diffusers dir (``pretrained``) or from ``config``.
+    """Build the frozen VAE from local weights (``pretrained``) or at random from ``config``.
 
-    ``pretrained`` is a directory written by ``AutoencoderKL.save_pretrained`` (or a full
-    SD model dir with a ``vae/`` subfolder). With ``pretrained=None`` the architecture comes
-    from ``config`` (diffusers kwargs) with weights drawn from ``seed`` without touching the
-    global RNG, then, given ``quick_train`` options (:class:`~onedc.modules.vae_quick_train.
-    VAEQuickTrainRecipe`), trained briefly and cached (a cache hit loads in a second);
-    ``device="meta"`` builds shapes only (parameter counting). Loading a checkpoint, which holds
-    all VAE weights, needs neither: leave ``quick_train`` out there.
+    ``pretrained`` is a directory written by ``AutoencoderKL.save_pretrained`` (or a full SD
+    model dir with a ``vae/`` subfolder), a state-dict file of the ``config`` architecture, or
+    ``asset:NAME``, a file shipped in :mod:`onedc.assets` (loaded like any other file). With
+    ``pretrained=None`` the weights are drawn from ``seed`` without touching the global RNG.
+    Nothing is ever trained here. ``device="meta"`` builds shapes only (parameter counting).
     """
     from diffusers import AutoencoderKL
 
-    if pretrained is not None:
+    pretrained = resolve_pretrained(pretrained)
+    if pretrained is not None and Path(pretrained).expanduser().suffix in STATE_DICT_SUFFIXES:
+        path = Path(pretrained).expanduser()
+        autoencoder = _load_file(path, config, device)
+        identity = _weights_identity(path) if path.is_file() else ""  # missing: _load_file raised (or meta)
+    elif pretrained is not None:
         path = diffusers_model_dir(pretrained, "vae", "a diffusers AutoencoderKL directory", "model.vae.pretrained")
         autoencoder = _load_dir(path, "the VAE")
         identity = _weights_identity(path)
-    elif quick_train is not None and str(device) != "meta":
-        from onedc.modules.vae_quick_train import VAEQuickTrainRecipe, quick_trained_vae_dir
-
-        if config is None:
-            raise WeightsError("build_vae needs an architecture `config` to quick-train a VAE")
-        path = quick_trained_vae_dir(config, seed, VAEQuickTrainRecipe.from_options(dict(quick_train)))
-        autoencoder = _load_dir(path, "the cached quick-trained VAE (delete that directory to retrain it)")
-        identity = _weights_identity(path)
     else:
         if config is None:
-            raise WeightsError("build_vae needs `pretrained` (a local dir) or an architecture `config`")
+            raise WeightsError("build_vae needs `pretrained` (a local dir or file) or an architecture `config`")
         if str(device) == "meta":
             with torch.device("meta"):
                 autoencoder = AutoencoderKL(**config)

@@ -29,8 +29,20 @@ from torch import Tensor, nn
 from onedc.coding.checkpoints import CHECKPOINT_FORMAT
 from onedc.families import CodecPass, ModelFamily
 
-__all__ = ["CHECKPOINT_FORMAT", "ModelIdentity", "OptimizerSpec", "StageModule", "estimated_bpp", "freeze",
-           "quadratic_ramp"]
+__all__ = ["CHECKPOINT_FORMAT", "ModelIdentity", "OptimizerSpec", "StageModule", "batch_captions", "batch_images",
+           "estimated_bpp", "freeze", "quadratic_ramp"]
+
+
+def batch_images(batch: Tensor | dict[str, Any]) -> Tensor:
+    """The (B, 3, H, W) images of a batch: a plain tensor (image folders) or a source batch dict's ``"image"``."""
+    return batch["image"] if isinstance(batch, dict) else batch
+
+
+def batch_captions(batch: Tensor | dict[str, Any]) -> list[str]:
+    """The captions of a batch (``""`` per image when its source has none)."""
+    if isinstance(batch, dict) and "caption" in batch:
+        return list(batch["caption"])
+    return [""] * len(batch_images(batch))
 
 
 def estimated_bpp(family: ModelFamily, codec: nn.Module, out: CodecPass, num_pixels: int) -> Tensor:

@@ -10,7 +10,7 @@
 
 v̂ comes from the codec's light latent head (``latent_hat`` of the codec pass), or, when the
 stage is given a ``generator``, from the one-step generator trained jointly with the codec: the
-published OneDC has no light head and trains codec and generator together (REFERENCE.md
+published OneDC has no light head and trains codec and generator together (docs/reference-model.md
 §10.1, its stages 1 and 2 fused): its family ``distills_with_generator``, and its checkpoint
 decodes through the generator.
 
@@ -30,7 +30,7 @@ from onedc.modules.generator import OneStepGenerator
 from onedc.modules.teachers import Teacher
 from onedc.modules.vae import FrozenVAE
 from onedc.families import ModelFamily
-from onedc.stages.common import ModelIdentity, OptimizerSpec, StageModule, estimated_bpp, quadratic_ramp
+from onedc.stages.common import ModelIdentity, OptimizerSpec, StageModule, batch_images, estimated_bpp, quadratic_ramp
 
 
 class DistillStage(StageModule):
@@ -111,6 +111,7 @@ class DistillStage(StageModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        batch = batch_images(batch)
         metrics = self._step(batch)
         metrics.pop("_indices", None)
         self.log_dict({f"train/{k}": v.detach() for k, v in metrics.items()}, prog_bar=False,
@@ -125,6 +126,7 @@ class DistillStage(StageModule):
         self._val_code_counts = None
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        batch = batch_images(batch)
         metrics = self._step(batch)
         indices = metrics.pop("_indices", None)
         if indices is not None:

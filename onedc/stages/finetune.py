@@ -48,7 +48,7 @@ from onedc.modules.generator import OneStepGenerator
 from onedc.modules.losses import GANLoss, PerceptualLoss, adaptive_gan_weight, discriminator_accuracy
 from onedc.modules.vae import FrozenVAE
 from onedc.families import CodecPass, ModelFamily
-from onedc.stages.common import ModelIdentity, OptimizerSpec, estimated_bpp
+from onedc.stages.common import ModelIdentity, OptimizerSpec, batch_images, estimated_bpp
 from onedc.stages.latent import LatentStage
 
 PIXEL_LOSSES = ("l1", "mse")
@@ -237,6 +237,7 @@ class FinetuneStage(LatentStage):
 
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        batch = batch_images(batch)
         loss, metrics = self.training_losses(batch)
         self.log_dict({f"train/{k}": v.detach() for k, v in metrics.items()}, batch_size=batch.shape[0])
         self.log(self.pixel_loss, metrics["pixel"].detach(), prog_bar=True, logger=False, batch_size=batch.shape[0])
@@ -246,6 +247,7 @@ class FinetuneStage(LatentStage):
         """Metrics of the (EMA) generator: ``loss`` is the reconstruction objective (no GAN term:
         the critic changes, so adversarial values are not comparable across validations);
         ``pixel_l1`` and ``psnr`` are on the clamped decoded image."""
+        batch = batch_images(batch)
         out = self.forward_pass(batch)
         metrics = self.reconstruction_losses(batch, out)
         metrics["pixel_l1"] = F.l1_loss(out.x_hat.clamp(-1, 1), batch)

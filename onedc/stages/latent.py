@@ -26,7 +26,7 @@ from onedc.eval.pixels import psnr  # val/psnr: the 8-bit convention of onedc ev
 from onedc.modules.generator import OneStepGenerator
 from onedc.modules.vae import FrozenVAE
 from onedc.families import CodecPass, ModelFamily
-from onedc.stages.common import ModelIdentity, OptimizerSpec, StageModule, estimated_bpp, freeze
+from onedc.stages.common import ModelIdentity, OptimizerSpec, StageModule, batch_images, estimated_bpp, freeze
 
 LATENT_LOSSES = ("mse", "l1")
 
@@ -119,12 +119,14 @@ class LatentStage(StageModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        batch = batch_images(batch)
         metrics, _ = self.losses(batch)
         self.log_dict({f"train/{k}": v.detach() for k, v in metrics.items()}, batch_size=batch.shape[0])
         self.log("latent", metrics["latent_loss"].detach(), prog_bar=True, logger=False, batch_size=batch.shape[0])
         return metrics["loss"]
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        batch = batch_images(batch)
         metrics, latent = self.losses(batch)
         metrics["psnr"] = psnr(self.vae.decode(latent), batch).mean()
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=batch.shape[0], sync_dist=True)

@@ -24,14 +24,13 @@ def family(model_cfg: DictConfig | dict) -> ModelFamily:
     return family_of(_plain(model_cfg))
 
 
-def vae_from_config(model_cfg: DictConfig | dict, device: str | torch.device | None = None, quick_train: bool = False):
+def vae_from_config(model_cfg: DictConfig | dict, device: str | torch.device | None = None):
     """The frozen VAE of ``model.vae`` (a model config node or the dict stored in a checkpoint).
 
-    ``quick_train=True`` (the training stages) applies ``model.vae.quick_train`` to a random VAE;
-    everything that loads checkpoints keeps the default: they hold all VAE weights, so a machine
-    with an empty cache decodes without training anything.
+    Its weights are loaded (``model.vae.pretrained``: a dir, a file or a packaged ``asset:NAME``)
+    or drawn from the seed; building never trains anything.
     """
-    return family(model_cfg).build_vae(_plain(model_cfg), device=device, quick_train=quick_train)
+    return family(model_cfg).build_vae(_plain(model_cfg), device=device)
 
 
 def codec_from_config(model_cfg: DictConfig | dict, vae_channels: int = 4):
@@ -56,7 +55,7 @@ def teacher_kwargs(tokenizer_cfg: DictConfig) -> dict[str, Any]:
         "seed": int(cfg.get("seed", 0)),
         "input_scale": float(cfg.get("input_scale", 1.0)),
     }
-    for key in ("config", "model_name", "model_kwargs", "tile_size", "quick_train", "input_range", "resize"):
+    for key in ("config", "model_name", "model_kwargs", "tile_size", "input_range", "resize"):
         if cfg.get(key) is not None:
             kwargs[key] = cfg[key]
     return kwargs
@@ -93,11 +92,15 @@ def build_distill_loss(tokenizer_cfg: DictConfig, model_cfg: DictConfig, teacher
 
 
 def build_datamodule(data_cfg: DictConfig, seed: int = 0):
-    """The ``ImageFolderDataModule`` of ``data=``."""
-    from onedc.datamodules import ImageFolderDataModule
-
+    """The data module of ``data=``: ``SourceDataModule`` when the config names a ``source``, else ``ImageFolderDataModule``."""
     cfg = to_dict(data_cfg)
     cfg.pop("name", None)
+    if cfg.get("source"):
+        from onedc.datamodules.source_data import SourceDataModule
+
+        return SourceDataModule(cfg.pop("source"), seed=seed, **cfg)
+    from onedc.datamodules import ImageFolderDataModule
+
     return ImageFolderDataModule(cfg.pop("root"), seed=seed, **cfg)
 
 
@@ -113,7 +116,7 @@ def identity(cfg: DictConfig, stage_cfg: DictConfig, teacher=None, vae=None):
     """What the stage checkpoint records about its model (checked when loading).
 
     The VAE's weights identity goes to ``model.vae.identity``: the config alone does not say
-    which weights a quick-train cache or a pretrained dir held.
+    which weights a pretrained dir or file held.
     """
     from onedc.stages.common import ModelIdentity
 
@@ -128,14 +131,14 @@ def identity(cfg: DictConfig, stage_cfg: DictConfig, teacher=None, vae=None):
 
 def _build_distill(cfg: DictConfig, stage_cfg: DictConfig):
     """Stage 1. A family that ``distills_with_generator`` (the published OneDC: no light latent head)
-    trains its codec jointly with the one-step generator (REFERENCE.md §10.1), which v̂ then comes from."""
+    trains its codec jointly with the one-step generator (docs/reference-model.md §10.1), which v̂ then comes from."""
     from onedc.stages.distill import DistillStage
 
     model_family = family(cfg.model)
     if model_family.distills_with_generator:
         vae, codec, generator = _vae_codec_generator(cfg)
     else:
-        vae = vae_from_config(cfg.model, quick_train=True)
+        vae = vae_from_config(cfg.model)
         codec, generator = codec_from_config(cfg.model, vae.latent_channels), None
     teacher = teacher_from_config(cfg.tokenizer)
     distill = build_distill_loss(cfg.tokenizer, cfg.model, teacher, in_channels=model_family.semantic_width(codec))
@@ -152,7 +155,7 @@ def _vae_codec_generator(cfg: DictConfig):
 
     Each is built by the model's family (:mod:`onedc.families`).
     """
-    vae = vae_from_config(cfg.model, quick_train=True)
+    vae = vae_from_config(cfg.model)
     codec = codec_from_config(cfg.model, vae.latent_channels)
     generator = generator_from_config(cfg.model)
     if generator.latent_channels != vae.latent_channels:

@@ -130,8 +130,8 @@ def load_init_weights(module: torch.nn.Module, path: str | Path, cfg: DictConfig
     recorded = (checkpoint["onedc"]["model"].get("vae") or {}).get("identity")
     built = getattr(getattr(module, "vae", None), "identity", "")
     if recorded and built and recorded != built:
-        raise CheckpointError(f"{path} was trained on the VAE {recorded} but this run built {built} (another "
-                              "quick-train cache or pretrained dir): its codec expects that VAE's latents. Use the "
+        raise CheckpointError(f"{path} was trained on the VAE {recorded} but this run built {built} (other "
+                              "weights in model.vae.pretrained): its codec expects that VAE's latents. Use the "
                               "VAE it was trained with, or start again from stage=distill")
     state = checkpoint["state_dict"]
     wanted = {k: v for k, v in state.items() if k.startswith(prefixes)}

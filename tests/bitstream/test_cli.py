@@ -53,14 +53,16 @@ def test_compress_decompress_info_round_trip(images, tmp_path, tiny_ckpt, capsys
     out, decoded = tmp_path / "out", tmp_path / "decoded"
     assert main(["compress", str(images), "-o", str(out), "--ckpt", str(tiny_ckpt)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert sorted(p.name for p in out.iterdir()) == ["a.onedc", "b.onedc"]  # nothing else: no temp files
+    # the input tree is mirrored; nothing else is written: no temp files
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["a.onedc", "sub", "sub/b.onedc"]
     size_a = (out / "a.onedc").stat().st_size
     assert lines[0].endswith(f"70x100, {size_a} bytes, {size_a * 8 / 7000:.5f} bpp")  # bpp from the real file
+    assert lines[-1] == "compress: 2 of 2 done"
 
-    assert main(["decompress", str(out / "a.onedc"), str(out / "b.onedc"), "-o", str(decoded),
+    assert main(["decompress", str(out / "a.onedc"), str(out / "sub" / "b.onedc"), "-o", str(decoded),
                  "--ckpt", str(tiny_ckpt)]) == 0
-    assert sorted(p.name for p in decoded.iterdir()) == ["a.png", "b.png"]
-    assert Image.open(decoded / "a.png").size == (100, 70) and Image.open(decoded / "b.png").size == (96, 64)
+    assert sorted(p.relative_to(decoded).as_posix() for p in decoded.rglob("*")) == ["a.png", "sub", "sub/b.png"]
+    assert Image.open(decoded / "a.png").size == (100, 70) and Image.open(decoded / "sub/b.png").size == (96, 64)
     capsys.readouterr()
 
     assert main(["info", str(out / "a.onedc")]) == 0
@@ -134,10 +136,12 @@ def test_missing_checkpoint_and_missing_input(tmp_path, images, tiny_ckpt, capsy
     assert "no such file" in error_line(capsys)
 
 
-def test_two_inputs_with_one_stem_are_refused(tmp_path, images, photo, tiny_ckpt, capsys):
+def test_two_inputs_with_one_stem_keep_their_folders(tmp_path, images, photo, tiny_ckpt, capsys):
     other = write_png(tmp_path / "elsewhere" / "a.png", photo[:, :64, :64])
-    assert main(["compress", str(images / "a.png"), str(other), "-o", str(tmp_path / "o"), "--ckpt", str(tiny_ckpt)]) == 2
-    assert "would both be written to" in error_line(capsys)
+    out = tmp_path / "o"
+    assert main(["compress", str(images / "a.png"), str(other), "-o", str(out), "--ckpt", str(tiny_ckpt)]) == 0
+    # placed below the inputs' common folder (tmp_path): no clash, nothing refused
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.onedc")) == ["elsewhere/a.onedc", "in/a.onedc"]
 
 
 @pytest.mark.parametrize("interrupt", [OSError(28, "No space left on device"), KeyboardInterrupt()])
@@ -152,7 +156,7 @@ def test_compress_never_leaves_a_partial_file(tmp_path, images, tiny_ckpt, capsy
         raise interrupt
 
     monkeypatch.setattr(os, "fsync", failing_fsync)
-    code = main(["compress", str(images / "a.png"), "-o", str(out), "--ckpt", str(tiny_ckpt)])
+    code = main(["compress", str(images / "a.png"), "-o", str(out), "--ckpt", str(tiny_ckpt), "--force"])
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert code == (2 if isinstance(interrupt, OSError) else 130)
     assert [p.name for p in out.iterdir()] == ["a.onedc"] and (out / "a.onedc").read_bytes() == b"previous"

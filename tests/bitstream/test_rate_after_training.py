@@ -7,20 +7,15 @@ SSE4.1 kernels, seeds 0 and 1, the default preset with its quick-trained VAE): t
 """
 import pytest
 
-from onedc.training.config import compose
 from onedc.datamodules import sample_photo_paths
 from onedc.coding.bundle import OneDCCodec
 from onedc.coding.rate import format_rate_table, rate_table
-from onedc.training.pipeline import run
 
 
 @pytest.mark.slow
-def test_file_rate_matches_estimate_within_two_percent(tmp_path):
-    result = run(compose([f"run_dir={tmp_path}", "trainer.logger=none", "trainer.enable_progress_bar=false",
-                          "data.crop_size=128", "data.batch_size=4",
-                          "trainer.max_steps=120", "stage.val_every_n_steps=120",
-                          "stage.checkpoint_every_n_steps=120"]))[0]
-    codec = OneDCCodec.from_checkpoint(result.final_ckpt)
+def test_file_rate_matches_estimate_within_two_percent(short_distill_ckpt):
+    """The 120-step distill run of ``short_distill_ckpt`` (tests/conftest.py), every sample photo."""
+    codec = OneDCCodec.from_checkpoint(short_distill_ckpt)
     rows = rate_table(codec, list(sample_photo_paths().values()))
     print("\n" + format_rate_table(rows))
     assert len(rows) == 7

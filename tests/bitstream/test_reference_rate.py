@@ -30,7 +30,7 @@ def save_png(crop: torch.Tensor, path: Path) -> Path:
 
 
 def section46_bits(q: np.ndarray, scales: np.ndarray) -> float:
-    """REFERENCE.md §4.6 written out in float64: Σ max(0, −log2(Φ((q+½)/σ') − Φ((q−½)/σ') + 1e-5))."""
+    """docs/reference-model.md §4.6 written out in float64: Σ max(0, −log2(Φ((q+½)/σ') − Φ((q−½)/σ') + 1e-5))."""
     sigma = np.clip(scales.astype(np.float64), 1e-5, 1e10)
     phi = np.vectorize(lambda t: 0.5 * math.erfc(-t / math.sqrt(2.0)))
     prob = phi((q + 0.5) / sigma) - phi((q - 0.5) / sigma)

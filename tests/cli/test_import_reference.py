@@ -92,3 +92,20 @@ def test_checkpoint_mode_is_reserved_and_modes_do_not_mix(tmp_path, capsys):
     assert "not both" in _error_line(capsys)
     assert main(["import-reference", "-o", str(tmp_path / "o")]) == 2
     assert "--tokenizer FILE" in _error_line(capsys)
+
+
+def test_checkpoint_mode_never_replaces_an_existing_output_unasked(tmp_path, capsys):
+    """Checked before anything is read: an existing OUT.ckpt needs --force, the inputs never are outputs."""
+    released, vae = tmp_path / "released", tmp_path / "vae"
+    released.mkdir()
+    vae.mkdir()
+    (released / "model.safetensors").write_bytes(b"released")
+    out = tmp_path / "onedc.ckpt"
+    out.write_bytes(b"mine")
+    assert main(["import-reference", str(released), "--vae", str(vae), "-o", str(out)]) == 2
+    assert _error_line(capsys) == f"error: {out} already exists: pass --force to replace it"
+    assert out.read_bytes() == b"mine"
+    inside = released / "model.safetensors"
+    assert main(["import-reference", str(released), "--vae", str(vae), "-o", str(inside), "--force"]) == 2
+    assert "never overwrites its inputs" in _error_line(capsys)
+    assert inside.read_bytes() == b"released"

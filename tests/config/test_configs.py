@@ -16,8 +16,11 @@ def test_every_option_composes(group):
     options = group_options(group)
     assert options, f"group {group} has no options"
     for option in options:
-        # data=folder needs a root; composing never reads it, so a placeholder will do
-        overrides = [f"{group}={option}"] + (["data.root=/data/images"] if option == "folder" else [])
+        # composing never reads the data paths, so placeholders will do
+        required = {"folder": ["data.root=/data/images"], "hf": ["data.path=/data/hf"],
+                    "commoncatalog": ["data.path=/data/commoncatalog"], "streaming": ["data.path=/data/mds"],
+                    "webdataset": ["data.shards=/data/shards/a.tar"], "captioned_folder": ["data.root=/data/images"]}
+        overrides = [f"{group}={option}"] + required.get(option, [])
         cfg = compose(overrides)
         # experiments are @package _global_: they change other groups, they have no node of their own
         assert group == "experiment" or cfg[group] is not None

@@ -1,4 +1,4 @@
-"""The MaskGIT-VQGAN tokenizer written directly from REFERENCE §8 (test oracle, random weights).
+"""The MaskGIT-VQGAN tokenizer written directly from docs/reference-model.md §8 (test oracle, random weights).
 
 Independent of onedc's conversion: convs, GroupNorm, SiLU, average pooling and a nearest-code
 lookup by ‖h‖² + ‖e‖² − 2 h·e, with the state-dict key layout of ``reference/tokenizer.txt``.

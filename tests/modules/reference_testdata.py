@@ -1,4 +1,4 @@
-"""Shared by the reference tests: the key lists (tests/data/reference/*.txt, copied from REFERENCE.md's data
+"""Shared by the reference tests: the key lists (tests/data/reference/*.txt, copied from docs/reference-model.md's data
 files) and the small-width architectures that keep the reference layouts."""
 from __future__ import annotations
 

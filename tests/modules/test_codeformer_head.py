@@ -1,4 +1,4 @@
-"""The Codeformer code-prediction head (REFERENCE §9): sizes, key layout, window attention, loss."""
+"""The Codeformer code-prediction head (docs/reference-model.md §9): sizes, key layout, window attention, loss."""
 from __future__ import annotations
 
 import re

@@ -1,4 +1,4 @@
-"""MaskGIT-VQGAN -> diffusers VQModel conversion (REFERENCE §8) against an implementation of the
+"""MaskGIT-VQGAN -> diffusers VQModel conversion (docs/reference-model.md §8) against an implementation of the
 source architecture written from §8 (tests/modules/maskgit_source.py), with random weights."""
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ SMALL = dict(hidden=32, blocks=2, z=32, codes=128, groups=32)
 
 
 def _photo_crops() -> torch.Tensor:
-    """Two 256 px crops in [-1, 1] of scikit-image's astronaut and coffee (REFERENCE §13's places)."""
+    """Two 256 px crops in [-1, 1] of scikit-image's astronaut and coffee (docs/reference-model.md §13's places)."""
     import skimage.data
 
     root = Path(skimage.data.__file__).parent
@@ -82,7 +82,7 @@ def test_source_layout_is_the_released_file():
 
 @torch.no_grad()
 def test_conversion_is_exact(source, crops):
-    """Encoder within 1e-5, token indices 100 % equal, decoder within 1e-4 (REFERENCE §8)."""
+    """Encoder within 1e-5, token indices 100 % equal, decoder within 1e-4 (docs/reference-model.md §8)."""
     vq = maskgit_vqmodel(source.state_dict())
     x = _reference_input(crops)
     h_ref = source.encoder(x)

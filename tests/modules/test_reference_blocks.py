@@ -1,4 +1,4 @@
-"""Blocks of the reference codec (REFERENCE.md §3) against their written definitions."""
+"""Blocks of the reference codec (docs/reference-model.md §3) against their written definitions."""
 from __future__ import annotations
 
 import torch

@@ -1,8 +1,8 @@
-"""The reference codec IntraNoAR (REFERENCE.md §3-§4): released layout at full size, small-width mechanics.
+"""The reference codec IntraNoAR (docs/reference-model.md §3-§4): released layout at full size, small-width mechanics.
 
 The full-size model is built on the meta device only (no memory, no init); its keys, shapes and
 dtypes must equal the released ``model_1.safetensors`` list (tests/data/reference/codec.txt) and
-its parts the counts of REFERENCE.md §4.10.
+its parts the counts of docs/reference-model.md §4.10.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from onedc.modules.reference.synthesis import semantic_tokens
 
 KEY_LIST = Path(__file__).resolve().parents[1] / "data" / "reference" / "codec.txt"
 
-#: REFERENCE.md §4.10 / reference/param_counts.txt (elements).
+#: docs/reference-model.md §4.10 / reference/param_counts.txt (elements).
 PART_COUNTS = {
     "": 394_147_783, "enc": 299_130_112, "enc.unet": 285_933_184, "enc.unet.conv_in": 15_898_752,
     "enc.trans_coding": 13_096_832, "dec": 35_878_976, "semantic_adaptor": 39_185_792,

@@ -1,4 +1,4 @@
-"""Mechanics of the reference codec against independent formulae (REFERENCE.md §4.3, §4.5, §4.6)."""
+"""Mechanics of the reference codec against independent formulae (docs/reference-model.md §4.3, §4.5, §4.6)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Reference generator (REFERENCE.md §5): full-size layout vs the released key list, float64 x0, LoRA, merge."""
+"""Reference generator (docs/reference-model.md §5): full-size layout vs the released key list, float64 x0, LoRA, merge."""
 from __future__ import annotations
 
 import numpy as np

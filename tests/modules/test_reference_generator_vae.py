@@ -1,4 +1,4 @@
-"""Reference VAE (REFERENCE.md §6): SD-2.1 layout, 16×16 windowed mid attention (GroupNorm per window), mean/sample."""
+"""Reference VAE (docs/reference-model.md §6): SD-2.1 layout, 16×16 windowed mid attention (GroupNorm per window), mean/sample."""
 from __future__ import annotations
 
 import pytest

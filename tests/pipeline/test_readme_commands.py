@@ -1,6 +1,6 @@
 """Every README command that needs no files of the user's own runs as written on the embedded
 default (shortened with trainer.max_steps and small crops), with nothing downloaded; decoding on
-a machine with an empty VAE cache trains nothing; the full-size preset keeps LPIPS."""
+a machine trains nothing; the full-size preset keeps LPIPS."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import onedc.modules.vae_quick_train as vae_quick_train
+import onedc.quicktrain.vae as vae_recipe
 from onedc.training import pipeline
 from onedc.cli import main as onedc_main
 from onedc.training.config import compose
@@ -70,13 +70,13 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch):
         shutil.copy(photos[name], Path(folder) / photos[name].name)
     for ckpt, stage in zip(("a.ckpt", "b.ckpt", "c.ckpt"), ("distill", "latent", "finetune")):
         shutil.copy(Path(RUN, stage, "final.ckpt"), ckpt)
-    # A machine that only decodes has no quick-train cache, and must not build one.
+    # A machine that only decodes trains nothing and writes no cache.
     monkeypatch.setenv("ONEDC_CACHE", str(tmp_path / "empty-cache"))
 
     def no_training(*args, **kwargs):
-        raise AssertionError("a command that loads a checkpoint quick-trained the VAE")
+        raise AssertionError("a command that loads a checkpoint trained the VAE")
 
-    monkeypatch.setattr(vae_quick_train, "quick_train_vae", no_training)
+    monkeypatch.setattr(vae_recipe, "quick_train_vae", no_training)
     for command in ONEDC:
         assert onedc_main(shlex.split(command)[1:]) == 0, command
     assert Path("recon/astronaut.png").is_file() and Path("codec.safetensors").is_file()

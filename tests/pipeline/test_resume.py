@@ -113,5 +113,4 @@ def test_init_from_a_checkpoint_with_another_vae_is_refused(tmp_path):
     done = run(compose(SINGLE + [f"run_dir={tmp_path}", "trainer.max_steps=2"]))[0]
     with pytest.raises(CheckpointError, match="model.vae"):
         run(compose(["trainer.logger=none", f"run_dir={tmp_path / 'other'}", "stage=latent",
-                     f"init_from={done.final_ckpt}", "model.vae.seed=99", "trainer.max_steps=2",
-                     "model.vae.quick_train=null"]))  # refused after the build: skip a 75 s quick-train
+                     f"init_from={done.final_ckpt}", "model.vae.pretrained=null", "trainer.max_steps=2"]))

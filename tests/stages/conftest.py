@@ -11,6 +11,7 @@ import pytest
 
 from onedc.training import pipeline
 from onedc.training.config import compose
+from shared_runs import shared_run
 
 BASE = ["model=tiny_random", "trainer.enable_progress_bar=false", "data.batch_size=2", "data.crop_size=128", "trainer.logger=none"]
 LATENT_CKPT_STEPS = 16
@@ -19,18 +20,20 @@ LATENT_CKPT_STEPS = 16
 @pytest.fixture(scope="session")
 def distill_ckpt(tmp_path_factory) -> Path:
     """final.ckpt of a 2-step distill run."""
-    run_dir = tmp_path_factory.mktemp("distill")
-    cfg = compose(BASE + ["stage=distill", f"run_dir={run_dir}", "trainer.max_steps=2",
-                          "stage.val_every_n_steps=2", "stage.checkpoint_every_n_steps=2"])
-    return pipeline.run(cfg)[0].final_ckpt
+    def make(run_dir: Path) -> Path:
+        cfg = compose(BASE + ["stage=distill", f"run_dir={run_dir}", "trainer.max_steps=2",
+                              "stage.val_every_n_steps=2", "stage.checkpoint_every_n_steps=2"])
+        return pipeline.run(cfg)[0].final_ckpt
+    return shared_run(tmp_path_factory, "distill-2", make)
 
 
 @pytest.fixture(scope="session")
 def latent_ckpt(distill_ckpt, tmp_path_factory) -> Path:
     """final.ckpt (EMA generator) of a short latent run initialised from :func:`distill_ckpt`."""
-    run_dir = tmp_path_factory.mktemp("latent")
-    cfg = compose(BASE + ["stage=latent", f"run_dir={run_dir}", f"init_from={distill_ckpt}",
-                          f"trainer.max_steps={LATENT_CKPT_STEPS}", f"stage.val_every_n_steps={LATENT_CKPT_STEPS}",
-                          f"stage.checkpoint_every_n_steps={LATENT_CKPT_STEPS}", "stage.lr=2e-3",
-                          "stage.warmup_steps=1", "stage.ema_decay=0.5", "stage.image_every_n_steps=null"])
-    return pipeline.run(cfg)[0].final_ckpt
+    def make(run_dir: Path) -> Path:
+        cfg = compose(BASE + ["stage=latent", f"run_dir={run_dir}", f"init_from={distill_ckpt}",
+                              f"trainer.max_steps={LATENT_CKPT_STEPS}", f"stage.val_every_n_steps={LATENT_CKPT_STEPS}",
+                              f"stage.checkpoint_every_n_steps={LATENT_CKPT_STEPS}", "stage.lr=2e-3",
+                              "stage.warmup_steps=1", "stage.ema_decay=0.5", "stage.image_every_n_steps=null"])
+        return pipeline.run(cfg)[0].final_ckpt
+    return shared_run(tmp_path_factory, f"latent-{LATENT_CKPT_STEPS}", make)

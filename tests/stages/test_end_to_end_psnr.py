@@ -2,14 +2,9 @@
 photos above what the random VAE allowed (its own reconstructions: 8.5 / 10.8 dB)."""
 from __future__ import annotations
 
-from pathlib import Path
-
-from onedc.training import pipeline
-from onedc.training.config import compose
 from onedc.datamodules import sample_photo_paths
 from onedc.eval import evaluate
 
-STEPS = 120
 # Spread (benchmarks/learning_spread.py --figures end_to_end: 120 steps, 2 x 128 px crops, 0.28 ..
 # 0.32 bpp from the files; native AVX2 and ATEN default + oneDNN SSE4.1 kernels, seeds 0 and 1):
 # grace_hopper 17.18, 14.65, 14.38, 16.41 dB, motorcycle_right 16.49, 14.81, 14.01, 16.59 dB
@@ -19,20 +14,12 @@ STEPS = 120
 PSNR_FLOOR = 11.5
 
 
-def held_out_rows(run_dir: Path, overrides: list[str] = ()) -> dict[str, dict]:
-    """Train the short distill run in ``run_dir`` and code the held-out photos: name -> eval row."""
-    cfg = compose(["stage=distill", f"run_dir={run_dir}", f"trainer.max_steps={STEPS}", "data.crop_size=128",
-                   "trainer.logger=none", "trainer.enable_progress_bar=false", f"stage.val_every_n_steps={STEPS}",
-                   f"stage.checkpoint_every_n_steps={STEPS}", *overrides])
-    final = pipeline.run(cfg)[0].final_ckpt
+def test_short_distill_run_decodes_held_out_photos(short_distill_ckpt, tmp_path):
+    """The 120-step run of ``short_distill_ckpt`` (tests/conftest.py) codes the held-out photos."""
     photos = sample_photo_paths()
-    result = evaluate([final], [photos["grace_hopper"], photos["motorcycle_right"]], run_dir / "eval",
+    result = evaluate([short_distill_ckpt], [photos["grace_hopper"], photos["motorcycle_right"]], tmp_path / "eval",
                       baselines=False, progress=False, say=lambda message: None)
-    return {row["image"]: row for row in result.rows}
-
-
-def test_short_distill_run_decodes_held_out_photos(tmp_path):
-    rows = held_out_rows(tmp_path)
+    rows = {row["image"]: row for row in result.rows}
     assert len(rows) == 2, rows
     for name, row in rows.items():
         assert row["psnr"] > PSNR_FLOOR, (name, row["psnr"], row["bpp"])

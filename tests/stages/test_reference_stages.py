@@ -3,7 +3,7 @@ and `stage=distill` from scratch.
 
 A small-width release in the authors' layout is imported with the real importer (the fixture of
 tests/bitstream/test_reference_bundle.py), then trained a few steps through ``pipeline.run``
-with ``model=onedc_sd15`` at that width. The reference recipe (REFERENCE.md §10.2): the codec is
+with ``model=onedc_sd15`` at that width. The reference recipe (docs/reference-model.md §10.2): the codec is
 frozen, the generator trains its LoRA, the new conv_in and vae_reduction; the VAE comes from
 the checkpoint. Distillation trains codec and generator together (§10.1).
 """
@@ -149,7 +149,7 @@ def test_latent_loss_falls_on_a_fixed_batch(imported, tmp_path):
 
 
 def test_a_trained_codec_adds_the_reference_rate(imported, tmp_path):
-    """train_codec=true: loss = latent + λ·bpp with the reference's own rate (REFERENCE.md §4.6: the
+    """train_codec=true: loss = latent + λ·bpp with the reference's own rate (docs/reference-model.md §4.6: the
     noisy proxy in training, the eval estimate + 14 bits per z index otherwise), reaching the encoder."""
     module = _built_stage(["stage=latent", "stage.train_codec=true", "stage.lmbda=3.0"], imported, tmp_path)
     codec = module.codec
@@ -206,7 +206,7 @@ def test_full_size_finetune_without_the_alexnet_file_fails_at_once(tmp_path):
     assert "\n" not in str(err.value) and time.perf_counter() - started < 10  # before any 1.4B-parameter build
 
 
-DISTILL = ["stage=distill", "tokenizer=vq_tiny", "tokenizer.quick_train=null", "trainer.max_steps=4",
+DISTILL = ["stage=distill", "tokenizer=vq_tiny", "tokenizer.pretrained=null", "trainer.max_steps=4",
            "stage.val_every_n_steps=4", "stage.checkpoint_every_n_steps=4"]
 
 
@@ -222,7 +222,7 @@ def distill_run(tmp_path_factory):
 
 
 def test_distill_trains_the_codec_jointly_with_the_generator(distill_run):
-    """The reference's fused stage I (REFERENCE.md §10.1): codec, distillation head and the generator's
+    """The reference's fused stage I (docs/reference-model.md §10.1): codec, distillation head and the generator's
     LoRA + conv_in + vae_reduction train on λ·R + L_distill + L_latent(generator(F, S), v); the UNet
     base and the VAE do not. Within 4 steps, over seeds 0-3 (native kernels) and 0-1 (ATEN default +
     oneDNN SSE4.1): validation loss end / start 0.478 .. 0.718 (mean 0.56, sd 0.08; bar 0.85), distill
@@ -267,7 +267,7 @@ def test_the_distilled_checkpoint_decodes_and_initialises_the_latent_stage(disti
 
 
 def test_full_size_latent_stage_optimises_the_lora_conv_in_and_vae_reduction():
-    """At full size (meta device): LoRA 67,252,224 (REFERENCE.md §5.1) + conv_in 921,920 + vae_reduction
+    """At full size (meta device): LoRA 67,252,224 (docs/reference-model.md §5.1) + conv_in 921,920 + vae_reduction
     936,008 elements, the same set in the optimiser and the EMA; the UNet base stays out."""
     from torch import nn
 

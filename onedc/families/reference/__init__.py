@@ -33,7 +33,7 @@ class ReferenceFamily(ModelFamily):
     codec_decoder_prefixes = ("codec.hyper_dec.", "codec.y_prior_fusion.", "codec.y_spatial_prior",
                               "codec.semantic_adaptor.", "codec.dec.")
 
-    def build_vae(self, model_config: Mapping[str, Any], device: Any = None, quick_train: bool = False) -> nn.Module:
+    def build_vae(self, model_config: Mapping[str, Any], device: Any = None) -> nn.Module:
         from onedc.modules.reference.vae import build_reference_vae
 
         vae = dict(model_config["vae"])

@@ -1,4 +1,4 @@
-"""The one home of the authors' released OneDC files (REFERENCE.md §2): key layouts, LoRA merge, import.
+"""The one home of the authors' released OneDC files (docs/reference-model.md §2): key layouts, LoRA merge, import.
 
 ::
 
@@ -318,7 +318,7 @@ def merge_lora_state_dict(state: Mapping[str, Tensor], scale: float = LORA_ALPHA
 
 # --------------------------------------------------------------------------- codec file (model_1.safetensors)
 _WHAT = "the OneDC reference codec (IntraNoAR)"
-_EXPECTED = f"the authors' {CODEC_FILE} (779 keys, REFERENCE.md §2) or a file written by save_released_codec"
+_EXPECTED = f"the authors' {CODEC_FILE} (779 keys, docs/reference-model.md §2) or a file written by save_released_codec"
 
 
 def load_released_codec(path: str | Path, codec: ReferenceCodec | None = None, **sizes: Any) -> ReferenceCodec:

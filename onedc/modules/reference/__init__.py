@@ -1,1 +1,1 @@
-"""Reference-layout modules of the published OneDC (REFERENCE.md): weight-compatible with the released files."""
+"""Reference-layout modules of the published OneDC (docs/reference-model.md): weight-compatible with the released files."""

@@ -1,4 +1,4 @@
-"""Analysis transform g_a of the reference codec (REFERENCE.md §4.1), keys ``enc.*``.
+"""Analysis transform g_a of the reference codec (docs/reference-model.md §4.1), keys ``enc.*``.
 
 ::
 

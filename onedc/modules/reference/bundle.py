@@ -46,7 +46,7 @@ class CodingReferenceCodec(ReferenceCodec):
         return self.y_coder.tables
 
     def update(self, scale_table_values: Sequence[float] | None = None, force: bool = False) -> bool:
-        """The reference's tables are fixed (REFERENCE.md §7): nothing to rebuild."""
+        """The reference's tables are fixed (docs/reference-model.md §7): nothing to rebuild."""
         return False
 
     def _z(self, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor, np.ndarray]:
@@ -90,7 +90,7 @@ class CodingReferenceCodec(ReferenceCodec):
         return z_stream_bits(self.fsq, z_shape)
 
     def rate_bits(self, out: ReferenceCodecOutput) -> Tensor:
-        """Estimated bits per image (B,), the reference's (REFERENCE.md §4.6, §13): Σ bits(q) + 14 per z index.
+        """Estimated bits per image (B,), the reference's (docs/reference-model.md §4.6, §13): Σ bits(q) + 14 per z index.
 
         The y term is ``out.y_bits`` summed: the eval estimate in eval mode, the noisy proxy in
         training. Like ``HyperpriorCodec.rate_bits`` (the seam :func:`onedc.coding.rate.rate_table`

@@ -1,4 +1,4 @@
-"""The reference OneDC codec ``IntraNoAR`` (REFERENCE.md §1, §4) with the released key layout.
+"""The reference OneDC codec ``IntraNoAR`` (docs/reference-model.md §1, §4) with the released key layout.
 
 ::
 
@@ -90,7 +90,7 @@ class ReferenceCodec(nn.Module):
         self.enc = ReferenceAnalysis(internal_ch=internal_ch, bottleneck_ch=bottleneck_ch,
                                      unet_ch_config=unet_ch_config, feature_ch=feature_ch, pix_emb_ch=pix_emb_ch,
                                      latent_ch=latent_ch, attention_head_dim=attention_head_dim)
-        # Ambiguity (REFERENCE.md gives only full-size widths): the 768/512 of h_a's fusion are
+        # Ambiguity (docs/reference-model.md gives only full-size widths): the 768/512 of h_a's fusion are
         # taken as the trunk's semantic width and internal_ch, g_s's 256 as internal_ch // 2.
         self.dec = ReferenceSynthesis(bottleneck_ch=bottleneck_ch, internal_ch=internal_ch,
                                       semantic_ch=semantic_ch, feature_ch=feature_ch)

@@ -15,7 +15,7 @@ disagreement anyway is a :class:`~onedc.errors.CodingMismatchError`. ŷ fed back
 step is exact on both sides, so the steps do not accumulate differences.
 
 The tables are CompressAI's (``GaussianConditional`` CDFs, rANS64) over the reference's 256
-scales exp(linspace(ln 0.11, ln 64, 256)) with σ snapped **down** to the table (REFERENCE.md §7).
+scales exp(linspace(ln 0.11, ln 64, 256)) with σ snapped **down** to the table (docs/reference-model.md §7).
 The files are onedc's, not byte-compatible with the reference's own 32-bit coder.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ DECISION_MODULES = ("hyper_dec", "y_prior_fusion", "y_spatial_prior_reduction", 
 
 
 def reference_scale_table() -> list[float]:
-    """The reference's 256 log-spaced table scales, 0.11 … 64 (REFERENCE.md §7)."""
+    """The reference's 256 log-spaced table scales, 0.11 … 64 (docs/reference-model.md §7)."""
     return torch.exp(torch.linspace(math.log(SCALE_MIN), math.log(SCALE_MAX), SCALE_LEVELS, dtype=torch.float64)).tolist()
 
 

@@ -1,4 +1,4 @@
-"""Four-step spatial/channel context model of y (REFERENCE.md §4.5), independent of any entropy coder.
+"""Four-step spatial/channel context model of y (docs/reference-model.md §4.5), independent of any entropy coder.
 
 y's channels form four groups G0..G3 and its positions four classes by (row parity, column
 parity): A = (even, even), B = (even, odd), C = (odd, even), D = (odd, odd), tiled from the top

@@ -1,4 +1,4 @@
-"""The published OneDC generator ("feedforward model", REFERENCE.md §5), weight-compatible with ``model.safetensors``.
+"""The published OneDC generator ("feedforward model", docs/reference-model.md §5), weight-compatible with ``model.safetensors``.
 
 ::
 

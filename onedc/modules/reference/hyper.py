@@ -1,4 +1,4 @@
-"""Hyper path of the reference codec (REFERENCE.md §4.2-§4.4): h_a, h_s and the prior fusion.
+"""Hyper path of the reference codec (docs/reference-model.md §4.2-§4.4): h_a, h_s and the prior fusion.
 
 ::
 

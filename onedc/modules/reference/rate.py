@@ -1,4 +1,4 @@
-"""Rate of y as the reference estimates it (REFERENCE.md §4.6): the eval figure and the training proxy.
+"""Rate of y as the reference estimates it (docs/reference-model.md §4.6): the eval figure and the training proxy.
 
 Both model the coded residual q = round(y − μ) as a zero-mean Gaussian of the step's σ,
 discretised to unit bins. z is not part of either: it costs a fixed 14 bits per index.

@@ -1,4 +1,4 @@
-"""Decoder side of the reference codec (REFERENCE.md §4.7-§4.8): semantic adaptor and g_s.
+"""Decoder side of the reference codec (docs/reference-model.md §4.7-§4.8): semantic adaptor and g_s.
 
 ::
 

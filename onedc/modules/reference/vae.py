@@ -1,4 +1,4 @@
-"""The reference VAE (REFERENCE.md §6): SD-2.1 ``AutoencoderKL`` with 16×16 windowed mid-block attention.
+"""The reference VAE (docs/reference-model.md §6): SD-2.1 ``AutoencoderKL`` with 16×16 windowed mid-block attention.
 
 ::
 

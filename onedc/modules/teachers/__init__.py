@@ -15,10 +15,10 @@ image downsampled x2 gives a token grid at 1/32), :class:`TimmFeatureTeacher` (a
 as DINOv2) and :class:`TransformersFeatureTeacher` (transformers vision models such as DINOv2).
 :func:`build_teacher` builds one from the plain-dict contents of a ``configs/tokenizer/*.yaml``.
 
-Tiny VQ presets are random VQModels; a random tokenizer's codes are noise that no student can
-learn, so ``quick_train`` (:class:`QuickTrainRecipe`) trains one briefly on photos bundled with
-scikit-image and caches it on disk (:func:`teacher_cache_dir`), and ``tile_size`` makes its codes
-depend on their own patch only (:class:`VQTeacher`).
+Tiny VQ presets are small VQModels; a random tokenizer's codes are noise that no student can
+learn, so ``tokenizer=vq_tiny`` loads one trained offline on photos bundled with scikit-image
+(``pretrained: asset:vq_tiny_teacher``, see :mod:`onedc.assets` and :mod:`onedc.quicktrain.vq`),
+and ``tile_size`` makes its codes depend on their own patch only (:class:`VQTeacher`).
 
 A teacher is frozen for good: no parameter requires grad and ``train()`` keeps it in eval mode,
 so targets stay a fixed function of the image for the whole run. ``identity`` names the teacher
@@ -27,9 +27,8 @@ resume a checkpoint whose predictor head was trained against another teacher.
 
 Files: :mod:`.base` (the contract and input protocol), :mod:`.vq` and :mod:`.features` (the
 backbones), :mod:`.identity` (naming the weights), :mod:`.codebook` (k-means init of random VQ
-codebooks), :mod:`.quick_train` (brief training + disk cache), :mod:`.build` (options ->
-teacher). Every public name (and the helpers ``onedc.modules.vae`` and ``vae_quick_train``
-share) stays importable from ``onedc.modules.teachers``.
+codebooks), :mod:`.build` (options -> teacher). Every public name (and the helpers
+``onedc.modules.vae`` and ``onedc.quicktrain`` share) stays importable from ``onedc.modules.teachers``.
 """
 from onedc.modules.teachers.base import (
     IMAGENET_MEAN, IMAGENET_STD, RESIZE_METHODS, TEACHER_KINDS, Teacher, TeacherTargets, _build_random, _check_range,
@@ -37,26 +36,20 @@ from onedc.modules.teachers.base import (
 from onedc.modules.teachers.build import build_teacher
 from onedc.modules.teachers.features import TimmFeatureTeacher, TransformersFeatureTeacher
 from onedc.modules.teachers.identity import _random_identity, _sha256_files, _weights_identity
-from onedc.modules.teachers.quick_train import (
-    QUICK_TRAIN_IMAGES, QuickTrainRecipe, _quick_train_images, _random_crops, quick_train_vq, teacher_cache_dir)
 from onedc.modules.teachers.vq import VQTeacher
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "QUICK_TRAIN_IMAGES",
     "RESIZE_METHODS",
     "TEACHER_KINDS",
-    "QuickTrainRecipe",
     "Teacher",
     "TeacherTargets",
     "TimmFeatureTeacher",
     "TransformersFeatureTeacher",
     "VQTeacher",
     "build_teacher",
-    "quick_train_vq",
-    "teacher_cache_dir",
-    # shared with onedc.modules.vae / vae_quick_train and the tests
-    "_build_random", "_check_range", "_protocol_suffix", "_quick_train_images", "_random_crops", "_random_identity",
+    # shared with onedc.modules.vae / onedc.quicktrain and the tests
+    "_build_random", "_check_range", "_protocol_suffix", "_random_identity",
     "_resize", "_scaled_size", "_sha256_files", "_to_range", "_weights_identity",
 ]

@@ -18,9 +18,9 @@ from onedc.errors import ConfigError, WeightsError
 TEACHER_KINDS: tuple[str, ...] = ("vq", "timm", "transformers")
 
 # How the image is resized to the teacher's input: "bilinear" is plain bilinear (no antialias),
-# what MaskGIT-VQGAN was fed (REFERENCE §8: an antialiased x1/2 changes 3-9 % of its tokens).
+# what MaskGIT-VQGAN was fed (docs/reference-model.md §8: an antialiased x1/2 changes 3-9 % of its tokens).
 RESIZE_METHODS: tuple[str, ...] = ("bilinear_antialias", "bilinear")
-# The protocol teachers had before it became an option: identities and quick-train cache keys
+# The protocol teachers had before it became an option: identities
 # only name a protocol that differs from it, so existing ones stay valid.
 _LEGACY_RANGE = {"vq": (-1.0, 1.0), "feature": (0.0, 1.0)}
 _LEGACY_RESIZE = "bilinear_antialias"
@@ -76,7 +76,7 @@ class Teacher(nn.Module, abc.ABC):
     def _prepare(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """``x`` in [-1, 1] resized to ``size`` by the teacher's method, then mapped to its range.
 
-        Resizing first, as the reference does (REFERENCE §8); both steps are linear, so the order
+        Resizing first, as the reference does (docs/reference-model.md §8); both steps are linear, so the order
         only changes float rounding.
         """
         return _to_range(_resize(x, size, self.resize), self.input_range)

@@ -1,7 +1,8 @@
 """Building a teacher from the plain options of a ``configs/tokenizer/*.yaml`` file.
 
 :func:`build_teacher` checks the options, then one builder per kind loads local weights (or
-draws random ones, quick-trained for VQ) and names the result (:mod:`.identity`).
+draws random ones) and names the result (:mod:`.identity`). ``pretrained: asset:NAME`` names a
+file shipped in :mod:`onedc.assets` (the tiny VQ teacher), loaded like any other file.
 """
 from __future__ import annotations
 
@@ -13,15 +14,14 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from onedc.assets import resolve_pretrained
 from onedc.errors import ConfigError, WeightsError
 from onedc.modules.state_dict_files import STATE_DICT_SUFFIXES, load_state_dict_file, read_state_dict
-from onedc.modules.teachers import quick_train as quick_training
 from onedc.modules.teachers.base import (_LEGACY_RESIZE, IMAGENET_MEAN, IMAGENET_STD, TEACHER_KINDS, Teacher,
                                          _build_random, _check_range, _protocol_suffix)
 from onedc.modules.teachers.codebook import _init_codebook_from_data
 from onedc.modules.teachers.features import TimmFeatureTeacher, TransformersFeatureTeacher
 from onedc.modules.teachers.identity import _random_identity, _weights_identity
-from onedc.modules.teachers.quick_train import QuickTrainRecipe
 from onedc.modules.teachers.vq import VQTeacher
 
 log = logging.getLogger("onedc")
@@ -40,7 +40,6 @@ _VQ_FORMAT = ("a diffusers VQModel directory (config.json + diffusion_pytorch_mo
 
 def _build_vq(pretrained: str | None, config: dict | None, seed: int, input_scale: float,
               meta: bool, tile_size: int | None = None,
-              quick_train: QuickTrainRecipe | None = None,
               protocol: dict[str, Any] | None = None) -> VQTeacher:
     from diffusers import VQModel
 
@@ -60,17 +59,6 @@ def _build_vq(pretrained: str | None, config: dict | None, seed: int, input_scal
         except TypeError as err:
             raise ConfigError(f"vq teacher config is not valid VQModel kwargs: {err}") from err
 
-    if pretrained is None and quick_train is not None and not meta:
-        teacher(_build_random(from_config, seed, meta=True), "check")  # bad options fail before training
-        path = quick_training._quick_trained_vq_dir(config, seed, input_scale, tile_size, quick_train, protocol)
-        # Loaded back with the real loader, so a cold and a cached build give the same model;
-        # the identity is the weights' content hash, as for any pretrained directory.
-        try:
-            model = VQModel.from_pretrained(str(path))
-        except Exception as err:
-            raise WeightsError(f"cannot load the cached quick-trained tokenizer {path} ({err}); "
-                               "delete that directory to retrain it") from err
-        return teacher(model, _weights_identity(VQTeacher, path, input_scale))
     if pretrained is None:
         model = _build_random(from_config, seed, meta)
         if meta:
@@ -102,7 +90,7 @@ def _build_vq(pretrained: str | None, config: dict | None, seed: int, input_scal
         state = read_state_dict(path, expected=_VQ_FORMAT)
         if is_maskgit_state_dict(state):
             log.info("tokenizer %s is a MaskGIT-VQGAN state dict: converting it to a diffusers VQModel "
-                     "(REFERENCE §8); `onedc import-reference --tokenizer %s -o DIR` does this once", path, path)
+                     "(docs/reference-model.md §8); `onedc import-reference --tokenizer %s -o DIR` does this once", path, path)
             model = maskgit_vqmodel(state, path=path)
         else:
             model = load_state_dict_file(_build_random(from_config, seed, meta=True), path,
@@ -201,7 +189,7 @@ def _build_transformers(pretrained: str | None, config: dict | None, seed: int,
 def build_teacher(kind: str, *, pretrained: str | None = None, config: dict | None = None,
                   model_name: str | None = None, model_kwargs: dict | None = None, seed: int = 0,
                   input_scale: float = 0.5, allow_random: bool = True,
-                  tile_size: int | None = None, quick_train: dict[str, Any] | None = None,
+                  tile_size: int | None = None,
                   input_range: Sequence[float] | None = None, resize: str = _LEGACY_RESIZE,
                   device: str | torch.device | None = None) -> Teacher:
     """Build a frozen teacher of ``kind`` ("vq", "timm" or "transformers") from plain options.
@@ -212,10 +200,9 @@ def build_teacher(kind: str, *, pretrained: str | None = None, config: dict | No
     transformers: saved model dir); ``None`` builds random weights,
     deterministically from ``seed`` and without touching the global RNG, and is refused when
     ``allow_random`` is False. VQ only: ``tile_size`` encodes the image in independent tiles
-    (see :class:`VQTeacher`), and ``quick_train`` (options of :class:`QuickTrainRecipe`) trains
-    such a random tokenizer briefly so its codes describe image content like a real tokenizer's;
-    the result is cached under :func:`teacher_cache_dir` and its identity is its weights' content
-    hash. ``input_range`` (None = [-1, 1] for VQ, [0, 1] for feature teachers) and ``resize``
+    (see :class:`VQTeacher`). ``pretrained="asset:NAME"`` loads a file shipped in
+    :mod:`onedc.assets` (``asset:vq_tiny_teacher``, made offline by ``python -m onedc.assets.make``);
+    nothing is ever trained here. ``input_range`` (None = [-1, 1] for VQ, [0, 1] for feature teachers) and ``resize``
     (:data:`RESIZE_METHODS`) are the input protocol; a non-default one is part of the identity.
     ``device="meta"`` builds the architecture only, for counting
     parameters of full-size presets; such a teacher cannot compute targets. Bad options raise
@@ -223,10 +210,9 @@ def build_teacher(kind: str, *, pretrained: str | None = None, config: dict | No
     """
     if kind not in TEACHER_KINDS:
         raise ConfigError(f"unknown teacher kind {kind!r}; valid kinds: {', '.join(TEACHER_KINDS)}")
-    unused = {"vq": ("model_name", "model_kwargs"), "timm": ("config", "tile_size", "quick_train"),
-              "transformers": ("model_name", "model_kwargs", "tile_size", "quick_train")}[kind]
-    given = {"config": config, "model_name": model_name, "model_kwargs": model_kwargs,
-             "tile_size": tile_size, "quick_train": quick_train}
+    unused = {"vq": ("model_name", "model_kwargs"), "timm": ("config", "tile_size"),
+              "transformers": ("model_name", "model_kwargs", "tile_size")}[kind]
+    given = {"config": config, "model_name": model_name, "model_kwargs": model_kwargs, "tile_size": tile_size}
     stray = [name for name in unused if given[name]]
     if stray:
         raise ConfigError(f"teacher kind {kind!r} does not use {', '.join(stray)}; "
@@ -236,13 +222,13 @@ def build_teacher(kind: str, *, pretrained: str | None = None, config: dict | No
         raise WeightsError(f"the {kind} teacher has no pretrained weights and random teachers are "
                            f"not allowed here: set tokenizer.pretrained=/path/to/weights "
                            f"({'a model dir' if kind != 'timm' else 'a weights file'})")
+    pretrained = resolve_pretrained(pretrained)
     pretrained = None if pretrained is None else str(Path(pretrained).expanduser())
     protocol = {"input_range": None if input_range is None else _check_range(input_range),
                 "resize": str(resize)}
     if kind == "vq":
-        recipe = None if quick_train is None else QuickTrainRecipe.from_options(dict(quick_train))
         tile = None if tile_size is None else int(tile_size)
-        teacher: Teacher = _build_vq(pretrained, config, seed, input_scale, meta, tile, recipe, protocol)
+        teacher: Teacher = _build_vq(pretrained, config, seed, input_scale, meta, tile, protocol)
     elif kind == "timm":
         teacher = _build_timm(pretrained, model_name, model_kwargs, seed, input_scale, meta, protocol)
     else:

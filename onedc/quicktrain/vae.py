@@ -1,9 +1,9 @@
-"""Quick training of the tiny preset's random VAE, cached on disk.
+"""The tiny VAE's recipe: a random ``AutoencoderKL`` trained on the bundled photos.
 
 A random ``AutoencoderKL`` decodes noise (about 10 dB PSNR), so nothing a person can judge comes
-out of a tiny-preset run. :func:`quick_trained_vae_dir` trains one briefly on photos bundled with
-scikit-image (never the sample-photo validation images) and caches the diffusers directory, the
-way :mod:`onedc.modules.teachers` caches the quick-trained tiny teacher::
+out of a tiny-preset run. :func:`quick_train_vae` trains one on photos bundled with scikit-image
+(never the sample-photo validation images). It runs offline, in ``python -m onedc.assets.make``,
+which ships the result as ``onedc/assets/tiny_vae.safetensors``; ``model=tiny`` only loads it::
 
     8x8 patches of the photos ─ PCA ─> latent_channels whitened components  (closed form)
     guided:  L1(D(pca(x)), x) + MSE(E(x), pca(x))     decoder and encoder learn apart, each
@@ -17,11 +17,9 @@ mean (the codec encodes deterministically), so no KL term is trained.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,22 +27,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from onedc.errors import ConfigError
-from onedc.modules.teachers import QUICK_TRAIN_IMAGES, _quick_train_images, _random_crops, teacher_cache_dir
-from onedc.modules.teachers.quick_train import recipe_from_options, save_quick_trained
+from onedc.coding.images import load_image
+from onedc.quicktrain.common import HELD_OUT_IMAGES, QUICK_TRAIN_IMAGES, quick_train_images, random_crops
 
-__all__ = ["VAEQuickTrainRecipe", "pca_encoder", "quick_train_vae", "quick_trained_vae_dir", "vae_cache_dir"]
+__all__ = ["VAEQuickTrainRecipe", "held_out_figures", "latent_std", "pca_encoder", "quick_train_vae", "reconstruct"]
 
-# Bump when the training procedure changes: it is part of the cache key.
-_VERSION = 1
+# Bump when the training procedure changes: it is recorded in the shipped file's metadata.
+RECIPE_VERSION = 2
 
 
 @dataclass(frozen=True)
 class VAEQuickTrainRecipe:
-    """How :func:`quick_train_vae` trains a random ``AutoencoderKL`` (``model.vae.quick_train``).
+    """How :func:`quick_train_vae` trains a random ``AutoencoderKL``.
 
     ``guided_steps`` Adam steps train encoder and decoder apart against the PCA latents, then
     ``joint_steps`` train the autoencoder end to end (one cosine schedule over both, linear
-    warm-up). Small crops in large batches learn faster per second than few large crops.
+    warm-up). Small crops in large batches learn faster per step than few large crops; the joint
+    phase may use larger ones (``joint_crop``): every GroupNorm normalises over the whole input,
+    so a decoder trained on 48 px crops only sees whole-photo statistics at evaluation.
     """
 
     guided_steps: int = 200
@@ -54,29 +54,12 @@ class VAEQuickTrainRecipe:
     lr: float = 5e-3
     anchor: float = 0.1
     """Weight of MSE(E(x), pca(x)) in the joint phase: keeps the latents PCA-like."""
+    joint_crop: int | None = None
+    """Crop side of the joint phase (None = ``crop``)."""
+    joint_batch_size: int | None = None
+    """Batch of the joint phase (None = ``batch_size``)."""
     images: tuple[str, ...] = QUICK_TRAIN_IMAGES
     """Image files: names inside scikit-image's data folder, or paths."""
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> VAEQuickTrainRecipe:
-        """The recipe of a ``quick_train`` config mapping; unknown keys or bad values raise."""
-        recipe = recipe_from_options(cls, options, "model.vae.quick_train")
-        for name in ("guided_steps", "joint_steps", "batch_size", "crop"):
-            value = getattr(recipe, name)
-            if not isinstance(value, int) or value < (0 if name.endswith("steps") else 1):
-                raise ConfigError(f"model.vae.quick_train.{name} must be a non-negative integer, got {value!r}")
-        if not (isinstance(recipe.lr, (int, float)) and recipe.lr > 0) or recipe.anchor < 0:
-            raise ConfigError(f"model.vae.quick_train needs lr > 0 and anchor >= 0, "
-                              f"got lr={recipe.lr!r}, anchor={recipe.anchor!r}")
-        if not recipe.images:
-            raise ConfigError("model.vae.quick_train.images is empty: give at least one image file")
-        return recipe
-
-
-def vae_cache_dir() -> Path:
-    """Where quick-trained VAEs are cached: beside the teachers, ``$ONEDC_CACHE/vae`` (else
-    ``~/.cache/onedc/vae``)."""
-    return teacher_cache_dir().parent / "vae"
 
 
 def _downsample(model: nn.Module) -> int:
@@ -110,17 +93,21 @@ def quick_train_vae(model: nn.Module, recipe: VAEQuickTrainRecipe, *, seed: int)
     were. The model ends frozen in eval mode.
     """
     stride = _downsample(model)
-    if recipe.crop % stride:
-        raise ConfigError(f"model.vae.quick_train.crop={recipe.crop} must be a multiple of the VAE's "
+    joint_crop = recipe.joint_crop or recipe.crop
+    joint_batch = recipe.joint_batch_size or recipe.batch_size
+    if recipe.crop % stride or joint_crop % stride:
+        raise ConfigError(f"VAE recipe crops {recipe.crop} / {joint_crop} must be multiples of the VAE's "
                           f"downsampling factor {stride}")
     # The teacher's loader at scale 1 in [-1, 1]: the photos exactly as the VAE sees them.
-    images = _quick_train_images(recipe.images, 1.0, recipe.crop, input_range=(-1.0, 1.0), resize="bilinear")
-    target = pca_encoder(images, int(model.config.latent_channels), stride)
+    images = quick_train_images(recipe.images, 1.0, max(recipe.crop, joint_crop), input_range=(-1.0, 1.0),
+                                resize="bilinear")
     total = recipe.guided_steps + recipe.joint_steps
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
+            # Inside the forked RNG: nn.Conv2d draws an initial weight (overwritten by the fit).
+            target = pca_encoder(images, int(model.config.latent_channels), stride)
             torch.manual_seed(seed)
             generator = torch.Generator().manual_seed(seed)
             model.requires_grad_(True)
@@ -130,10 +117,12 @@ def quick_train_vae(model: nn.Module, recipe: VAEQuickTrainRecipe, *, seed: int)
                 1.0, (step + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * step / max(1, total))))
             model.train()
             for step in range(total):
-                x = _random_crops(images, recipe.batch_size, recipe.crop, generator)
+                guided = step < recipe.guided_steps
+                x = random_crops(images, recipe.batch_size if guided else joint_batch,
+                                 recipe.crop if guided else joint_crop, generator)
                 pca = target(x)
                 latent = model.encode(x).latent_dist.mean
-                if step < recipe.guided_steps:
+                if guided:
                     loss = (model.decode(pca).sample - x).abs().mean() + F.mse_loss(latent, pca)
                 else:
                     loss = (model.decode(latent).sample - x).abs().mean() + recipe.anchor * F.mse_loss(latent, pca)
@@ -147,24 +136,48 @@ def quick_train_vae(model: nn.Module, recipe: VAEQuickTrainRecipe, *, seed: int)
     model.requires_grad_(False)
 
 
-def quick_trained_vae_dir(config: dict, seed: int, recipe: VAEQuickTrainRecipe) -> Path:
-    """The cached diffusers directory of a quick-trained ``AutoencoderKL``; trains it on a cache miss.
+def reconstruct(autoencoder: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """``autoencoder``'s reconstruction of one (3, H, W) image in [-1, 1], clamped to [-1, 1].
 
-    The cache key hashes everything the weights depend on (AutoencoderKL kwargs, seed, recipe,
-    recipe version). A fresh model is written to a temporary directory and renamed into place,
-    so readers never see half a model, and concurrent builders (DDP ranks on a cold cache) all
-    end up loading the one directory that won the rename.
+    The whole photo at once (reflect-padded to a multiple of 64, cropped back), encoded to the
+    posterior mean as the codec does: GroupNorm sees the whole image, as in a real run.
     """
-    from diffusers import AutoencoderKL
+    height, width = image.shape[-2:]
+    padded = F.pad(image[None], (0, (-width) % 64, 0, (-height) % 64), mode="reflect")
+    with torch.no_grad():
+        decoded = autoencoder.decode(autoencoder.encode(padded).latent_dist.mean).sample
+    return decoded[0, :, :height, :width].clamp(-1, 1)
 
-    spec = {"version": _VERSION, "config": config, "seed": seed, "recipe": asdict(recipe)}
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    root = vae_cache_dir()
-    final = root / f"vae-{key}"
-    if (final / "config.json").is_file():
-        return final
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoencoderKL(**config)
-    quick_train_vae(model, recipe, seed=seed)
-    return save_quick_trained(model, spec, final, "VAE")
+
+def held_out_figures(autoencoder: nn.Module, names: Sequence[str] = HELD_OUT_IMAGES) -> dict[str, dict[str, Any]]:
+    """VAE-alone figures on the held-out sample photos: ``{name: {"psnr": dB, "colour_error": [R, G, B]}}``.
+
+    PSNR by :func:`onedc.eval.pixels.psnr` (8-bit, whole photo); ``colour_error`` is the mean of
+    decoded - original per channel in 8-bit units (a colour cast shows as a non-zero mean).
+    """
+    from onedc.eval.pixels import psnr
+    from onedc.coding.images import to_uint8
+    from onedc.samples import sample_photo_paths
+
+    paths = sample_photo_paths()
+    figures = {}
+    for name in names:
+        image = load_image(paths[name])
+        decoded = reconstruct(autoencoder, image)
+        error = (to_uint8(decoded).double() - to_uint8(image).double()).mean(dim=(1, 2))
+        figures[name] = {"psnr": float(psnr(decoded, image)), "colour_error": [float(v) for v in error]}
+    return figures
+
+
+def latent_std(autoencoder: nn.Module) -> float:
+    """Std of the posterior-mean latents over all sample photos (1 / it is ``model.vae.scaling_factor``)."""
+    from onedc.samples import sample_photo_paths
+
+    latents = []
+    for path in sample_photo_paths().values():
+        image = load_image(path)
+        height, width = image.shape[-2:]
+        padded = F.pad(image[None], (0, (-width) % 64, 0, (-height) % 64), mode="reflect")
+        with torch.no_grad():
+            latents.append(autoencoder.encode(padded).latent_dist.mean.flatten())
+    return float(torch.cat(latents).std())
