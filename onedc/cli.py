@@ -368,17 +368,55 @@ def _decompress_files(args: argparse.Namespace, pending: list[tuple[Path, Path]]
     from onedc.coding.bundle import OneDCCodec
     from onedc.coding.images import save_image
 
-    codec = OneDCCodec.from_checkpoint(args.ckpt, device=args.device)
+    import time
+
+    from onedc.coding.decode_options import DecodeOptions
+
+    options = DecodeOptions(precision=args.precision, compile=args.compile, tile_size=args.tile_size,
+                            max_memory_gb=args.max_memory, batch=args.batch)
+    codec = OneDCCodec.from_checkpoint(args.ckpt, device=args.device, decode_options=options)
     codec.check_steps(args.steps, setting=f"--steps {args.steps}", source=args.ckpt)
-    for src, dst in _progress_bar(pending, "decompress"):
+    start, pixels = time.perf_counter(), 0
+    # groups of up to --batch files: decompress_many batches the same-size ones within the memory bound;
+    # a group with a failing file is decoded again file by file, so each failure is reported on its own
+    for chunk in _progress_bar([pending[i:i + args.batch] for i in range(0, len(pending), args.batch)],
+                               "decompress"):
         try:
-            decoded = codec.decompress_bytes(_read_bytes(src), steps=args.steps, max_pixels=args.max_pixels)
-            save_image(decoded.image, dst)
-        except OneDCError as err:
-            batch.fail(src, err)
-            continue
-        batch.done.append(src)
-        _say(f"{src} -> {dst}: {decoded.header.height}x{decoded.header.width}")
+            results = list(zip(chunk, codec.decompress_many([_read_bytes(src) for src, _ in chunk], steps=args.steps,
+                                                            max_pixels=args.max_pixels)))
+        except OneDCError:
+            results = []
+            for src, dst in chunk:
+                try:
+                    results.append(((src, dst), codec.decompress_bytes(_read_bytes(src), steps=args.steps,
+                                                                       max_pixels=args.max_pixels)))
+                except OneDCError as err:
+                    batch.fail(src, err)
+        for (src, dst), decoded in results:
+            try:
+                save_image(decoded.image, dst)
+            except OneDCError as err:
+                batch.fail(src, err)
+                continue
+            batch.done.append(src)
+            pixels += decoded.header.height * decoded.header.width
+            _say(f"{src} -> {dst}: {decoded.header.height}x{decoded.header.width}")
+    seconds = time.perf_counter() - start
+    if batch.done:
+        _say(f"decoded {len(batch.done)} file(s), {pixels / 1e6:.2f} MP in {seconds:.1f} s: "
+             f"{len(batch.done) / seconds:.3f} images/s, {pixels / 1e6 / seconds:.3f} MP/s "
+             f"({codec.decode_report.get('dtype')}, batch <= {args.batch})")
+
+
+def _gib(text: str) -> float:
+    """argparse type: a memory size in GiB, > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a size in GiB > 0, got '{text}'")
+    return value
 
 
 def _register_decompress(sub: argparse._SubParsersAction) -> None:
@@ -395,6 +433,18 @@ def _register_decompress(sub: argparse._SubParsersAction) -> None:
                         help="generator steps: 1 = the one-step decoder (default); N > 1 = the multi-step DDIM "
                              "baseline (N UNet calls; needs a latent/finetune checkpoint)")
     _add_batch_options(parser)
+    # speed settings (onedc.coding.decode_options): none changes the decoded ŷ, only the picture's rounding
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="UNet and VAE decoder precision: auto = bf16 on CPUs with native bf16 (AVX-512-BF16/AMX) "
+                             "and bf16 GPUs, else fp32 (default: auto)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE decoder (slow start)")
+    parser.add_argument("--tile-size", type=_positive_int, default=None, metavar="PX",
+                        help="decode the VAE in overlapping tiles of PX pixels (multiple of 128; default: from --max-memory)")
+    parser.add_argument("--max-memory", type=_gib, default=4.0, metavar="GIB",
+                        help="bound on the VAE decoder's activations: larger images are tiled, batches sized to it "
+                             "(default: 4)")
+    parser.add_argument("--batch", type=_positive_int, default=8, metavar="N",
+                        help="most same-size files decoded together (default: 8, fewer when --max-memory says so)")
     parser.set_defaults(func=_cmd_decompress)
 
 

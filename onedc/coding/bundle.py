@@ -45,10 +45,12 @@ from onedc.coding.bitstream import (
     encode_container,
 )
 from onedc.coding.checkpoints import read_weights
+from onedc.coding.decode_options import DecodeOptions, batch_size, prepare_decoder, vae_plan
 from onedc.errors import BitstreamError, CheckpointError, CodingMismatchError, OneDCError
 from onedc.coding.identity import model_identity
 from onedc.families import FamilyCodec, ModelFamily, family_of, generator_settings, load_part, split_parts, weights_only_config
 from onedc.modules.coding_tables import tables_missing
+from onedc.modules.decode_speed import set_vae_tiling
 from onedc.modules.streams import DecodedLatents, pad_to_multiple
 
 __all__ = ["DecodedImage", "OneDCCodec"]
@@ -94,25 +96,33 @@ class OneDCCodec(nn.Module):
         self.requires_grad_(False)
         self.eval()
         self._model_id: bytes | None = None
+        #: the decoder's speed settings (None: the modules as built, untiled; see :meth:`prepare_decoding`)
+        self.decode_options: DecodeOptions | None = None
+        self.decode_report: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> "OneDCCodec":
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu",
+                        decode_options: DecodeOptions | None = DecodeOptions()) -> "OneDCCodec":
         """Load the inference bundle from a checkpoint file or folder, on ``device``.
 
         The reader is chosen by suffix from :data:`CHECKPOINT_READERS` (``.ckpt``: a stage
         checkpoint with its ``onedc`` metadata); folders and unknown suffixes are read as stage
         checkpoints. The VAE, codec and (if the checkpoint has one) generator are rebuilt from
         the stored model config and loaded strictly; training-only weights are ignored. Any
-        problem raises :class:`~onedc.errors.CheckpointError` naming the file.
+        problem raises :class:`~onedc.errors.CheckpointError` naming the file. ``decode_options``
+        (default: LoRA merged, SDPA, channels-last, fp32, VAE tiles within 4 GiB) are applied by
+        :meth:`prepare_decoding`; ``None`` keeps the modules as built.
         """
         loaded = read_weights(path)
-        return cls.from_weights(loaded.model_config, loaded.state_dict, device=device, source=Path(path))
+        return cls.from_weights(loaded.model_config, loaded.state_dict, device=device, source=Path(path),
+                                decode_options=decode_options)
 
     @classmethod
     def from_weights(cls, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor],
-                     device: str | torch.device = "cpu", source: str | Path = "<weights>") -> "OneDCCodec":
-        """Rebuild the bundle from a model config dict and a prefixed state dict (``vae.*``, ...)."""
+                     device: str | torch.device = "cpu", source: str | Path = "<weights>",
+                     decode_options: DecodeOptions | None = None) -> "OneDCCodec":
+        """Rebuild the bundle from a model config dict and a prefixed state dict (``vae.*``, ...), then apply ``decode_options``."""
         device = _check_device(device)
         source = Path(source)
         model_config = weights_only_config(model_config)
@@ -135,7 +145,10 @@ class OneDCCodec(nn.Module):
                                       f"({type(err).__name__}: {err})") from err
             load_part("generator", generator, parts["generator"], source)
             settings = generator_settings(model_config)
-        return cls(vae, codec, generator, generator_settings=settings, family=family).to(device)
+        bundle = cls(vae, codec, generator, generator_settings=settings, family=family).to(device)
+        if decode_options is not None:
+            bundle.prepare_decoding(decode_options)
+        return bundle
 
     @classmethod
     def from_modules(cls, vae: nn.Module, codec: FamilyCodec, generator: nn.Module | None = None,
@@ -175,6 +188,27 @@ class OneDCCodec(nn.Module):
             codec = family.build_codec(model_config, vae.latent_channels)
         codec.update(force=True)
         return cls(vae, codec, family=family).to(_check_device(device))
+
+    def prepare_decoding(self, options: DecodeOptions) -> "OneDCCodec":
+        """Apply the decoder's speed settings in place (once; see :mod:`onedc.coding.decode_options`).
+
+        The model id is computed first, from the weights as loaded: a merged LoRA or a bf16 cast
+        changes the state dict, not the model the files were written with. ŷ is unaffected (its
+        decisions run in float64 in the codec), so files stay bit-compatible. The modules are
+        changed in place: use it on a bundle that owns them (``from_checkpoint``), not on one
+        built by :meth:`from_modules` over a live training run.
+        """
+        if self.decode_options is not None:
+            raise OneDCError("the decoder was already prepared; load the checkpoint again to change its settings")
+        _ = self.model_id
+        self.decode_report = prepare_decoder(self.generator, self.vae, options, self.device)
+        self.decode_options = options
+        return self
+
+    @property
+    def decode_dtype(self) -> torch.dtype:
+        """The dtype the VAE decoder (and the generator's UNet) compute in."""
+        return self.vae.decode_dtype
 
     # ---------------------------------------------------------------- identity
     @property
@@ -293,9 +327,54 @@ class OneDCCodec(nn.Module):
         check_pixel_limit(header, max_pixels)
         decoded = self._entropy_decode(header)
         latent = self._latent_from(decoded, steps=steps)
-        image = self.vae.decode(latent).clamp(-1.0, 1.0)
+        image = self._vae_decode(latent)
         return DecodedImage(image=image[0, :, : header.height, : header.width], y_hat=decoded.y_hat,
                             z_hat=decoded.z_hat, latent=latent, header=header)
+
+    @torch.no_grad()
+    def decompress_many(self, files: list[bytes], steps: int = 1,
+                        max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[DecodedImage]:
+        """Decode several files, one generator and VAE call per group of same-size files; results in order.
+
+        Each file is checked and entropy-decoded on its own (its ŷ is the one
+        :meth:`decompress_bytes` gives, bit for bit); files of one padded size are then batched
+        through the generator and the VAE, at most as many as the decode options' memory bound
+        and ``batch`` allow (one at a time without options). Batching changes the picture only
+        by kernel rounding. Every file is checked against ``max_pixels`` from its header first, as
+        in :meth:`decompress_bytes`; the first failing file raises its error.
+        """
+        self.check_steps(steps)
+        headers = [decode_container(data, expected_model_id=self.model_id) for data in files]
+        for header in headers:
+            check_pixel_limit(header, max_pixels)
+        entries = [(header, self._entropy_decode(header)) for header in headers]
+        results: list[DecodedImage | None] = [None] * len(entries)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, (header, _) in enumerate(entries):
+            groups.setdefault(tuple(header.padded_size), []).append(index)
+        for padded, members in groups.items():
+            limit = 1 if self.decode_options is None else batch_size(self.decode_options, padded, self.decode_dtype)
+            for start in range(0, len(members), limit):
+                chunk = members[start:start + limit]
+                decoded = DecodedLatents(*(None if all(entries[i][1][k] is None for i in chunk)
+                                           else torch.cat([entries[i][1][k] for i in chunk])
+                                           for k in range(len(entries[chunk[0]][1]))))
+                latent = self._latent_from(decoded, steps=steps)
+                images = self._vae_decode(latent)
+                for row, index in enumerate(chunk):
+                    header, own = entries[index]
+                    results[index] = DecodedImage(image=images[row, :, : header.height, : header.width],
+                                                  y_hat=own.y_hat, z_hat=own.z_hat, latent=latent[row:row + 1],
+                                                  header=header)
+        return results  # type: ignore[return-value]
+
+    def _vae_decode(self, latent: Tensor) -> Tensor:
+        """Latent batch -> images clamped to [-1, 1]: untiled, or in tiles sized to the memory bound."""
+        if self.decode_options is not None:
+            plan = vae_plan(self.decode_options, tuple(latent.shape[-2:]), latent.shape[0], self.decode_dtype,
+                            self.vae.downsample)
+            set_vae_tiling(self.vae.autoencoder, plan.tile)
+        return self.vae.decode(latent).clamp(-1.0, 1.0)
 
     def _entropy_decode(self, header: Container) -> DecodedLatents:
         """Container streams -> decoder-side latents, with every coder failure as BitstreamError."""

@@ -178,8 +178,12 @@ class OneStepGenerator(nn.Module):
             raise ValueError(f"features have {features.shape[1]} channels, conv_in expects {self.gs_channels}")
 
     def _unet(self, features: Tensor, timestep: int | Tensor, tokens: Tensor) -> Tensor:
+        # The UNet runs in its weights' dtype (bf16 after a fast-decode cast); its prediction comes
+        # back float32 so the x0 step keeps its own precision (float64 in the reference generator).
+        dtype = self.unet.conv_in.weight.dtype
         t = torch.as_tensor(timestep, device=features.device).long().reshape(-1).expand(features.shape[0])
-        return self.unet(features, t, encoder_hidden_states=tokens).sample
+        out = self.unet(features.to(dtype), t, encoder_hidden_states=tokens.to(dtype)).sample
+        return out if dtype == features.dtype else out.float()
 
     def forward(self, features: Tensor, tokens: Tensor) -> Tensor:
         """(g_s features (B,gs,h,w), tokens (B,L,d)) -> clean scaled VAE latent (B,C_vae,h,w)."""

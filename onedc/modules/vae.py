@@ -70,10 +70,20 @@ class FrozenVAE(nn.Module):
             posterior = self.autoencoder.encode(x).latent_dist
         return posterior.mean.float() * self.scaling_factor
 
+    @property
+    def decode_dtype(self) -> torch.dtype:
+        """The dtype the decoder's weights are stored in (bf16 after a fast-decode cast, else float32)."""
+        return self.autoencoder.post_quant_conv.weight.dtype if getattr(
+            self.autoencoder.config, "use_post_quant_conv", True) else next(self.autoencoder.decoder.parameters()).dtype
+
     def decode(self, v: Tensor) -> Tensor:
-        """Scaled latent -> image in [-1,1] (unclamped). Differentiable w.r.t. ``v``."""
+        """Scaled latent -> image in [-1,1] (unclamped), float32. Differentiable w.r.t. ``v``.
+
+        The latent is scaled in its own dtype and handed to the decoder in the decoder's weight
+        dtype, so a decoder cast to bf16 for speed (:mod:`onedc.modules.decode_speed`) runs in bf16.
+        """
         with _autocast_bf16(v.device):
-            x = self.autoencoder.decode(v / self.scaling_factor).sample
+            x = self.autoencoder.decode((v / self.scaling_factor).to(self.decode_dtype)).sample
         return x.float()
 
 

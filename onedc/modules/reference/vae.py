@@ -149,9 +149,13 @@ class ReferenceVAE(FrozenVAE):
         return latent.float() * self.scaling_factor
 
     def decode(self, v: Tensor) -> Tensor:
-        """Scaled latent -> image in [-1,1] (unclamped), float32. Differentiable w.r.t. ``v``."""
+        """Scaled latent -> image in [-1,1] (unclamped), float32. Differentiable w.r.t. ``v``.
+
+        The decoder runs in its weights' dtype: float32 as the reference, or bf16 once the fast
+        decode path cast it (the latent is scaled in float32 first, then cast).
+        """
         with torch.autocast(v.device.type, enabled=False):
-            return self.autoencoder.decode(v.float() / self.scaling_factor).sample.float()
+            return self.autoencoder.decode((v.float() / self.scaling_factor).to(self.decode_dtype)).sample.float()
 
 
 def build_reference_vae(*, pretrained: str | None = None, config: dict[str, Any] | None = None, seed: int = 0,
