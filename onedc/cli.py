@@ -198,37 +198,105 @@ def _register_export(sub: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------- eval
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from onedc.eval import evaluate
+def _expand_ckpts(items: Sequence[str]) -> list[str]:
+    """Checkpoint arguments with glob patterns (``runs/*/finetune/final.ckpt``) expanded, sorted."""
+    import glob
 
-    if args.data is None:  # `--ckpt A B DATA_DIR`: the greedy --ckpt list took DATA_DIR as its last item
-        if len(args.ckpt) < 2:
+    out: list[str] = []
+    for item in items:
+        if not Path(item).exists() and glob.has_magic(item):
+            matches = sorted(glob.glob(item))
+            if not matches:
+                raise OneDCError(f"--ckpt {item}: the pattern matches no file")
+            out += matches
+        else:
+            out.append(item)
+    return out
+
+
+def _curve_names(groups: list[list[str]]) -> list[str]:
+    """One RD-curve name per ``--ckpt`` group: ``onedc`` for one group; else each group's common folder
+    name (when they differ), else ``onedc-1``, ``onedc-2``, ..."""
+    if len(groups) <= 1:
+        return ["onedc"] * len(groups)
+    names = []
+    for group in groups:
+        parents = {Path(os.path.commonpath([str(Path(p).resolve().parent) for p in group])).name}
+        names.append(parents.pop() or "")
+    if len(set(names)) == len(names) and all(names):
+        return names
+    return [f"onedc-{i + 1}" for i in range(len(groups))]
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from onedc.eval import Recon, evaluate
+
+    groups = [list(group) for group in (args.ckpt or [])]
+    if args.data is None:  # `--ckpt A B DATA_DIR`: a greedy list (--ckpt, or --bits) took DATA_DIR as its last item
+        if args.bits and len(args.bits) == len(args.recon or []) + 1:
+            args.data = args.bits.pop()
+        elif groups and len(groups[-1]) >= 2:
+            args.data = groups[-1].pop()
+        else:
             raise OneDCError("give the image folder: onedc eval --ckpt CKPT [CKPT ...] DATA_DIR -o OUT_DIR")
-        args.data = args.ckpt.pop()
-    result = evaluate(args.ckpt, args.data, args.output, weights_dir=args.weights_dir, baselines=args.baselines,
-                      max_images=args.max_images, steps=args.steps, device=args.device)
+    groups = [_expand_ckpts(group) for group in groups]
+    names = _curve_names(groups)
+    ckpts = [c for group in groups for c in group]
+    curves = [name for name, group in zip(names, groups) for _ in group]
+    recon: list[Recon] = []
+    if args.recon or args.bits:
+        if len(args.recon or []) != len(args.bits or []):
+            raise OneDCError(f"give one --bits per --recon (got {len(args.recon or [])} --recon, "
+                             f"{len(args.bits or [])} --bits)")
+        for folder, bits in zip(args.recon, args.bits):
+            if not Path(folder).is_dir():
+                raise OneDCError(f"--recon {folder}: not a folder of reconstructions")
+            if not Path(bits).exists():
+                raise OneDCError(f"--bits {bits}: no such folder or CSV file")
+            recon.append(Recon(Path(folder), Path(bits)))
+    anchors = [a.strip() for a in args.anchors.split(",") if a.strip()]
+    result = evaluate(ckpts, args.data, args.output, weights_dir=args.weights_dir, baselines=args.baselines,
+                      anchors=anchors, max_images=args.max_images, steps=args.steps, device=args.device,
+                      curves=curves, recon=recon, recon_name=args.name, bd_method=args.bd_method)
     for entry in result.aggregate:
         values = ", ".join(f"{key} {entry[key]:.4f}" for key in ("bpp", "psnr", "ms_ssim", "lpips", "dists", "fid")
                            if entry.get(key) is not None)
         _say(f"{entry['codec']:<6} {entry['setting']:<24} {values}")
+    _say(result.bd_text)
     _say(f"wrote {', '.join(str(p) for p in result.paths.values())}")
     return 0
 
 
 def _register_eval(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "eval", help="rate-distortion evaluation against JPEG/WebP (CSV, JSON, RD plot)",
+        "eval", help="rate-distortion evaluation against JPEG/WebP/AVIF/JPEG-XL (CSV, JSON, BD-rate, RD plot)",
         description="Compress every image of DATA_DIR to real .onedc files with each checkpoint (a lambda ladder), "
                     "decompress, and report bpp (from the file sizes), PSNR, MS-SSIM, and LPIPS/DISTS/FID/KID "
-                    "when their backbone weights are local; JPEG and WebP at matched bpp and on a quality ladder. "
-                    "Writes OUT_DIR/per_image.csv, per_image.json, aggregate.json, rd.png and files/.")
-    parser.add_argument("--ckpt", required=True, nargs="+", metavar="CKPT", help="one or more checkpoints")
+                    "when their backbone weights are local; JPEG, WebP, AVIF and JPEG-XL at matched bpp and on a "
+                    "quality ladder; BD-rate and BD-metric of every metric against each anchor and between runs. "
+                    "--ckpt may be repeated: each group is one RD curve. --recon/--bits score another codec's "
+                    "reconstructions and file sizes the same way. Writes OUT_DIR/per_image.csv, per_image.json, "
+                    "aggregate.json, bd.json, compressai/<curve>.json, rd.png and files/.")
+    parser.add_argument("--ckpt", action="append", nargs="+", metavar="CKPT",
+                        help="checkpoints of one RD curve (globs allowed); repeat --ckpt for more curves")
     parser.add_argument("data", metavar="DATA_DIR", nargs="?",
                         help="folder of images (searched recursively) or an image; may follow the checkpoints")
     parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the results")
+    parser.add_argument("--recon", nargs="+", default=None, metavar="DIR",
+                        help="another codec's reconstructions, one folder per rate point (files named as the "
+                             "originals, any image format)")
+    parser.add_argument("--bits", nargs="+", default=None, metavar="DIR_OR_CSV",
+                        help="per --recon: a folder of that codec's files (sizes = rate), or a CSV with columns "
+                             "image and bytes|bits|bpp")
+    parser.add_argument("--name", default="other", help="curve name of the --recon codec (default: other)")
     parser.add_argument("--weights-dir", default=None, metavar="DIR",
                         help="folder of perceptual backbone weights (default: $ONEDC_WEIGHTS, else torch hub's cache)")
-    parser.add_argument("--no-baselines", dest="baselines", action="store_false", help="skip JPEG and WebP")
+    parser.add_argument("--anchors", default="jpeg,webp,avif,jxl", metavar="LIST",
+                        help="comma-separated anchors (default: jpeg,webp,avif,jxl; one not installed is skipped "
+                             "with a note)")
+    parser.add_argument("--no-baselines", dest="baselines", action="store_false", help="skip all anchors")
+    parser.add_argument("--bd-method", default="akima", choices=("akima", "pchip"),
+                        help="interpolation of the BD fits (bjontegaard package; default: akima)")
     parser.add_argument("--max-images", type=_positive_int, default=None, metavar="N", help="first N images only")
     parser.add_argument("--steps", type=_positive_int, default=1, metavar="N",
                         help="generator decoding steps (N > 1: multi-step baseline; needs a generator)")
