@@ -70,3 +70,44 @@ def test_bd_table_pairs_curves_and_skips_matched_points():
     assert [(r["test"], r["anchor"], r["metric"]) for r in rows] == [("onedc", "jpeg", "psnr")]  # no LPIPS values
     assert rows[0]["bd_rate"] == pytest.approx(-20.0, abs=1e-9)
     assert "-20.0" in format_bd_table(rows)
+
+
+def test_fid_with_fewer_patches_than_dimensions_equals_torchmetrics():
+    """The patch-space Fréchet distance (n < d) against torchmetrics' FID on the same features."""
+    import torch
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from onedc.eval.perceptual import _Precomputed, fid_kid, frechet_distance_few
+
+    torch.manual_seed(0)
+    real = torch.randn(20, 96, dtype=torch.float64)
+    fake = 1.3 * torch.randn(15, 96, dtype=torch.float64) + 0.2
+    reference = FrechetInceptionDistance(feature=_Precomputed(96)).double()
+    reference.update(real, real=True)
+    reference.update(fake, real=False)
+    expected = float(reference.compute())
+    assert frechet_distance_few(real, fake) == pytest.approx(expected, rel=1e-6)
+    assert fid_kid([real[:12], real[12:]], [fake])["fid"] == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance_few(real, real) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_reference_memo_gives_the_networks_own_values(tmp_path):
+    """LPIPS / DISTS with the reference's features remembered equal fresh networks' values (RANDOM
+    backbones, tests only), and the reference is computed once for three decoded images."""
+    import torch
+    from torchvision.models import alexnet
+    from torchvision.models.vgg import cfgs, make_layers
+
+    from onedc.eval import ALEXNET_FILE, VGG16_FILE, PerceptualMetrics
+
+    torch.manual_seed(0)
+    torch.save({f"features.{k}": v for k, v in alexnet().features.state_dict().items()}, tmp_path / ALEXNET_FILE)
+    torch.save({f"features.{k}": v for k, v in make_layers(cfgs["D"]).state_dict().items()}, tmp_path / VGG16_FILE)
+    memo = PerceptualMetrics.load(tmp_path)
+    x = torch.randint(0, 256, (3, 48, 56), dtype=torch.uint8)
+    decoded = [(x.int() + d).clamp(0, 255).to(torch.uint8) for d in (5, -30, 60)]
+    values = [memo.distances(x, y) for y in decoded]
+    assert memo.lpips.lpips.net.forward.hits == 2 and memo.dists.forward_once.hits == 2
+    for y, value in zip(decoded, values):
+        fresh = PerceptualMetrics.load(tmp_path)  # a new memo: nothing remembered
+        assert fresh.distances(x, y) == value
