@@ -68,7 +68,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     codec = OneDCCodec.from_checkpoint(args.ckpt, device=args.device)
     for src, dst in _progress_bar(list(zip(sources, targets)), "compress"):
         image = load_image(src)  # ImageReadError already names the file
-        data = codec.compress_image(image)
+        data = codec.compress_z_only(image) if args.z_only else codec.compress_image(image)
         atomic_write_bytes(dst, data)
         height, width = image.shape[-2:]
         size = os.path.getsize(dst)
@@ -84,6 +84,9 @@ def _register_compress(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the .onedc files")
     parser.add_argument("--ckpt", required=True, help="model checkpoint (.ckpt from train.py)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--z-only", action="store_true",
+                        help="write z-only files: only z is sent (fixed bits per 64x64 block), the decoder takes y "
+                             "to be the hyperprior's means (the published model's extreme-rate mode)")
     parser.set_defaults(func=_cmd_compress)
 
 
@@ -257,7 +260,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     anchors = [a.strip() for a in args.anchors.split(",") if a.strip()]
     result = evaluate(ckpts, args.data, args.output, weights_dir=args.weights_dir, baselines=args.baselines,
                       anchors=anchors, max_images=args.max_images, steps=args.steps, device=args.device,
-                      curves=curves, recon=recon, recon_name=args.name, bd_method=args.bd_method)
+                      curves=curves, recon=recon, recon_name=args.name, bd_method=args.bd_method,
+                      z_only=args.z_only)
     for entry in result.aggregate:
         values = ", ".join(f"{key} {entry[key]:.4f}" for key in ("bpp", "psnr", "ms_ssim", "lpips", "dists", "fid")
                            if entry.get(key) is not None)
@@ -295,6 +299,9 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
                         help="comma-separated anchors (default: jpeg,webp,avif,jxl; one not installed is skipped "
                              "with a note)")
     parser.add_argument("--no-baselines", dest="baselines", action="store_false", help="skip all anchors")
+    parser.add_argument("--z-only", action="store_true",
+                        help="also code every checkpoint as z-only files (y = the prior means): one more point "
+                             "per checkpoint, at the lowest rate, on its curve")
     parser.add_argument("--bd-method", default="akima", choices=("akima", "pchip"),
                         help="interpolation of the BD fits (bjontegaard package; default: akima)")
     parser.add_argument("--max-images", type=_positive_int, default=None, metavar="N", help="first N images only")

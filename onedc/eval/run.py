@@ -181,6 +181,7 @@ def evaluate(
     recon: Sequence[Recon] = (),
     recon_name: str = "other",
     bd_method: str = "akima",
+    z_only: bool = False,
     ladders: dict[str, Sequence[int]] | None = None,
     jpeg_qualities: Sequence[int] | None = None,
     webp_qualities: Sequence[int] | None = None,
@@ -198,6 +199,7 @@ def evaluate(
     closest to onedc's (setting ``matched:<ckpt>``). ``recon``: another codec's points, scored
     the same way as curve ``recon_name``. Then BD-rate / BD-metric of every onedc curve against
     every anchor and other codec, and between onedc curves (``bd_method``: akima or pchip).
+    ``z_only``: each checkpoint also writes z-only files (setting ``<ckpt>:z-only``, same curve).
 
     Writes ``per_image.csv``, ``per_image.json``, ``aggregate.json``, ``bd.json``, ``rd.png`` and
     one CompressAI results file per curve (``compressai/<curve>.json``). ``say`` receives the
@@ -246,20 +248,24 @@ def evaluate(
     for ckpt, label, curve in zip(ckpts, labels, ckpt_curves):
         codec = OneDCCodec.from_checkpoint(ckpt, device=device)
         codec.check_steps(steps, source=ckpt)
-        for image_id, path in progress_bar(images, f"onedc {label}", unit="image", enabled=progress):
-            image = load_image(path)
-            x = reference(image_id, path)
-            start = time.perf_counter()
-            data_bytes = codec.compress_image(image)
-            enc_ms = (time.perf_counter() - start) * 1e3
-            target = atomic_write_bytes(out_dir / "files" / label / f"{image_id}.onedc", data_bytes)
-            start = time.perf_counter()
-            decoded = to_uint8(codec.decompress_bytes(target.read_bytes(), steps=steps).image)
-            dec_ms = (time.perf_counter() - start) * 1e3
-            row = _row("onedc", label, image_id, x, decoded, os.path.getsize(target), perceptual, steps=steps,
-                       enc_ms=enc_ms, dec_ms=dec_ms, file=str(target.relative_to(out_dir)), curve=curve)
-            onedc_bpp[(label, image_id)] = row["bpp"]
-            add(row, perceptual.patch_features(decoded))
+        modes = [(label, codec.compress_image)] + ([(f"{label}:z-only", codec.compress_z_only)] if z_only else [])
+        for setting, compress in modes:
+            folder = label if setting == label else f"{label}.z-only"
+            for image_id, path in progress_bar(images, f"onedc {setting}", unit="image", enabled=progress):
+                image = load_image(path)
+                x = reference(image_id, path)
+                start = time.perf_counter()
+                data_bytes = compress(image)
+                enc_ms = (time.perf_counter() - start) * 1e3
+                target = atomic_write_bytes(out_dir / "files" / folder / f"{image_id}.onedc", data_bytes)
+                start = time.perf_counter()
+                decoded = to_uint8(codec.decompress_bytes(target.read_bytes(), steps=steps).image)
+                dec_ms = (time.perf_counter() - start) * 1e3
+                row = _row("onedc", setting, image_id, x, decoded, os.path.getsize(target), perceptual, steps=steps,
+                           enc_ms=enc_ms, dec_ms=dec_ms, file=str(target.relative_to(out_dir)), curve=curve)
+                if setting == label:
+                    onedc_bpp[(label, image_id)] = row["bpp"]
+                add(row, perceptual.patch_features(decoded))
         del codec
 
     recon_labels = checkpoint_labels([r.recon for r in recon])
