@@ -311,6 +311,59 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_cmd_eval)
 
 
+# --------------------------------------------------------------------------- sweep
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    """Train one run per λ (``train.py stage=... stage.lmbda=λ``), then evaluate their final checkpoints as one curve.
+
+    Nothing of the curriculum can be shared between λ values: λ is the rate weight of stage 1
+    (distill), and every later stage starts from that stage's codec; the one shared piece is the
+    tiny preset's quick-trained VAE, which is cached by its config. A finished run is skipped
+    (``resume=auto``), so a sweep that was stopped continues where it stopped.
+    """
+    from onedc.eval import evaluate
+    from onedc.training.config import compose
+    from onedc.training.pipeline import run
+
+    root = Path(args.output)
+    ckpts: list[str] = []
+    for lmbda in args.lambdas:
+        key = "stage.distill.lmbda" if args.stage == "all" else "stage.lmbda"
+        cfg = compose([f"stage={args.stage}", f"run_dir={root / f'lmbda_{lmbda:g}'}", f"{key}={lmbda}",
+                       *args.overrides])
+        results = run(cfg)
+        ckpts.append(str(results[-1].final_ckpt))
+        _say(f"lambda {lmbda:g}: {results[-1].final_ckpt}")
+    if args.data is None:
+        from onedc.samples import sample_photo_paths
+
+        data: object = list(sample_photo_paths().values())
+    else:
+        data = args.data
+    result = evaluate(ckpts, data, root / "eval", curves=[f"sweep:{root.name}"] * len(ckpts),
+                      max_images=args.max_images, baselines=args.baselines, z_only=args.z_only)
+    _say(result.bd_text)
+    _say(f"wrote {', '.join(str(p) for p in result.paths.values())}")
+    return 0
+
+
+def _register_sweep(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "sweep", help="train a lambda ladder and evaluate it as one RD curve",
+        description="For each --lambdas value, train the curriculum (train.py stage=STAGE with the rate weight "
+                    "lambda, run dir OUT/lmbda_VALUE, any further KEY=VALUE overrides of train.py), then run "
+                    "onedc eval on the final checkpoints as one curve (OUT/eval). Finished runs are skipped.")
+    parser.add_argument("--lambdas", required=True, nargs="+", type=float, metavar="L", help="rate weights")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="folder of the runs and the evaluation")
+    parser.add_argument("--stage", default="all", choices=("all", "distill", "latent", "finetune"),
+                        help="stage to train per lambda (default: all, the chain)")
+    parser.add_argument("--data", default=None, metavar="DIR", help="evaluation images (default: the sample photos)")
+    parser.add_argument("--max-images", type=_positive_int, default=None, metavar="N", help="evaluate N images only")
+    parser.add_argument("--no-baselines", dest="baselines", action="store_false", help="evaluate without anchors")
+    parser.add_argument("--z-only", action="store_true", help="add each checkpoint's z-only point")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="train.py overrides (e.g. model=tiny)")
+    parser.set_defaults(func=_cmd_sweep)
+
+
 # --------------------------------------------------------------------------- import-reference
 def _cmd_import_reference(args: argparse.Namespace) -> int:
     """Dispatch on the mode: ``--tokenizer FILE`` (teacher) or ``CHECKPOINT_DIR`` (codec checkpoint)."""
@@ -376,6 +429,7 @@ SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "decompress": _register_decompress,
     "info": _register_info,
     "eval": _register_eval,
+    "sweep": _register_sweep,
     "export": _register_export,
     "import-reference": _register_import_reference,
 }
