@@ -132,7 +132,7 @@ def rd_plot(entries: Sequence[Mapping[str, Any]], title: str = "", history: Sequ
             if not points:
                 continue
             is_onedc = any(e["codec"] == "onedc" for e in members)
-            legend = f"{name} ({len(points)} ckpt)" if is_onedc else name
+            legend = f"{name} ({len(points)} points)" if is_onedc else name
             ax.plot(*zip(*points), marker="o" if is_onedc else ".", color=colors[name], label=legend,
                     linewidth=2 if is_onedc else 1.2)
             matched = [(e["bpp"], e[metric]) for e in entries if e["codec"] == name

@@ -70,6 +70,13 @@ def test_eval_writes_csv_json_plot_and_real_files(cli_run):
     settings = {(e["codec"], e["setting"]) for e in aggregate["results"]}
     assert {("onedc", "low"), ("onedc", "high"), ("jpeg", "q=50"), ("webp", "matched:high")} <= settings
     assert "onedc  high" in stdout and "rd.png" in stdout
+    # All four anchors ran (Pillow's AVIF and pillow-jxl-plugin are installed here), and the BD table
+    # compares onedc with each, for the metrics that have values, printed and in bd.json.
+    assert aggregate["anchors"] == ["jpeg", "webp", "avif", "jxl"]
+    bd_rows = json.loads((out / "bd.json").read_text())["rows"]
+    assert {(r["test"], r["anchor"]) for r in bd_rows} == {("onedc", a) for a in ("jpeg", "webp", "avif", "jxl")}
+    assert {r["metric"] for r in bd_rows} == {"psnr", "ms_ssim"}
+    assert "BD-rate" in stdout and "onedc vs avif" in stdout and "onedc vs jxl" in stdout
 
 
 def test_bpp_is_the_file_size(cli_run):
