@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # This pair lies on local disk on the CI machines; on your GPU box override it, e.g.
 #   make setup TORCH_SPEC="torch torchvision"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= test,samples,deepspeed,data
+EXTRAS ?= test,samples,deepspeed,data,anchors
 STAMP  := $(VENV)/.onedc-installed
 ARGS   ?=
 

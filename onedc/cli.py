@@ -309,7 +309,7 @@ def _compress_files(args: argparse.Namespace, pending: list[tuple[Path, Path]], 
     for src, dst in _progress_bar(pending, "compress"):
         try:
             image = load_image(src, max_pixels=args.max_pixels)  # ImageReadError already names the file
-            data = codec.compress_image(image)
+            data = codec.compress_z_only(image) if args.z_only else codec.compress_image(image)
             atomic_write_bytes(dst, data)
         except OneDCError as err:
             batch.fail(src, err)
@@ -331,6 +331,9 @@ def _register_compress(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--ckpt", required=True, help="model checkpoint (.ckpt from train.py)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     _add_batch_options(parser)
+    parser.add_argument("--z-only", action="store_true",
+                        help="write z-only files: only z is sent (fixed bits per 64x64 block), the decoder takes y "
+                             "to be the hyperprior's means (the published model's extreme-rate mode)")
     parser.set_defaults(func=_cmd_compress)
 
 
@@ -517,28 +520,82 @@ def _register_export(sub: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------- eval
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from onedc.eval import evaluate
+def _expand_ckpts(items: Sequence[str]) -> list[str]:
+    """Checkpoint arguments with glob patterns (``runs/*/finetune/final.ckpt``) expanded, sorted."""
+    import glob
 
-    if args.data is None:  # `--ckpt A B DATA_DIR`: the greedy --ckpt list took DATA_DIR as its last item
-        if len(args.ckpt) < 2:
+    out: list[str] = []
+    for item in items:
+        if not Path(item).exists() and glob.has_magic(item):
+            matches = sorted(glob.glob(item))
+            if not matches:
+                raise OneDCError(f"--ckpt {item}: the pattern matches no file")
+            out += matches
+        else:
+            out.append(item)
+    return out
+
+
+def _curve_names(groups: list[list[str]]) -> list[str]:
+    """One RD-curve name per ``--ckpt`` group: ``onedc`` for one group; else each group's common folder
+    name (when they differ), else ``onedc-1``, ``onedc-2``, ..."""
+    if len(groups) <= 1:
+        return ["onedc"] * len(groups)
+    names = []
+    for group in groups:
+        parents = {Path(os.path.commonpath([str(Path(p).resolve().parent) for p in group])).name}
+        names.append(parents.pop() or "")
+    if len(set(names)) == len(names) and all(names):
+        return names
+    return [f"onedc-{i + 1}" for i in range(len(groups))]
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from onedc.eval import Recon, evaluate
+
+    groups = [list(group) for group in (args.ckpt or [])]
+    if args.data is None:  # `--ckpt A B DATA_DIR`: a greedy list (--ckpt, or --bits) took DATA_DIR as its last item
+        if args.bits and len(args.bits) == len(args.recon or []) + 1:
+            args.data = args.bits.pop()
+        elif groups and len(groups[-1]) >= 2:
+            args.data = groups[-1].pop()
+        else:
             raise OneDCError("give the image folder: onedc eval --ckpt CKPT [CKPT ...] DATA_DIR -o OUT_DIR")
-        args.data = args.ckpt.pop()
+    groups = [_expand_ckpts(group) for group in groups]
     from onedc.coding.images import scan_images
     from onedc.eval.run import REPORT_NAMES
 
-    for ckpt in args.ckpt:
-        _check_checkpoint(ckpt)
+    for group in groups:
+        for ckpt in group:
+            _check_checkpoint(ckpt)
     data, out_dir = Path(args.data), Path(args.output)
     images = scan_images(data).files if data.is_dir() else [data]
     _check_outputs([(data, out_dir / name) for name in REPORT_NAMES], args.force, out_dir,
-                   protected=[*images, *map(Path, args.ckpt)], folders_ok=True)
-    result = evaluate(args.ckpt, args.data, args.output, weights_dir=args.weights_dir, baselines=args.baselines,
-                      max_images=args.max_images, steps=args.steps, device=args.device, fail_fast=args.fail_fast)
+                   protected=[*images, *(Path(c) for group in groups for c in group)], folders_ok=True)
+    names = _curve_names(groups)
+    ckpts = [c for group in groups for c in group]
+    curves = [name for name, group in zip(names, groups) for _ in group]
+    recon: list[Recon] = []
+    if args.recon or args.bits:
+        if len(args.recon or []) != len(args.bits or []):
+            raise OneDCError(f"give one --bits per --recon (got {len(args.recon or [])} --recon, "
+                             f"{len(args.bits or [])} --bits)")
+        for folder, bits in zip(args.recon, args.bits):
+            if not Path(folder).is_dir():
+                raise OneDCError(f"--recon {folder}: not a folder of reconstructions")
+            if not Path(bits).exists():
+                raise OneDCError(f"--bits {bits}: no such folder or CSV file")
+            recon.append(Recon(Path(folder), Path(bits)))
+    anchors = [a.strip() for a in args.anchors.split(",") if a.strip()]
+    result = evaluate(ckpts, args.data, args.output, weights_dir=args.weights_dir, baselines=args.baselines,
+                      anchors=anchors, max_images=args.max_images, steps=args.steps, device=args.device,
+                      curves=curves, recon=recon, recon_name=args.name, bd_method=args.bd_method,
+                      z_only=args.z_only, fail_fast=args.fail_fast)
     for entry in result.aggregate:
         values = ", ".join(f"{key} {entry[key]:.4f}" for key in ("bpp", "psnr", "ms_ssim", "lpips", "dists", "fid")
                            if entry.get(key) is not None)
         _say(f"{entry['codec']:<6} {entry['setting']:<24} {values}")
+    _say(result.bd_text)
     _say(f"wrote {', '.join(str(p) for p in result.paths.values())}")
     if result.failed:
         names = ", ".join(result.failed)
@@ -550,18 +607,37 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _register_eval(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "eval", help="rate-distortion evaluation against JPEG/WebP (CSV, JSON, RD plot)",
+        "eval", help="rate-distortion evaluation against JPEG/WebP/AVIF/JPEG-XL (CSV, JSON, BD-rate, RD plot)",
         description="Compress every image of DATA_DIR to real .onedc files with each checkpoint (a lambda ladder), "
                     "decompress, and report bpp (from the file sizes), PSNR, MS-SSIM, and LPIPS/DISTS/FID/KID "
-                    "when their backbone weights are local; JPEG and WebP at matched bpp and on a quality ladder. "
-                    "Writes OUT_DIR/per_image.csv, per_image.json, aggregate.json, rd.png and files/.")
-    parser.add_argument("--ckpt", required=True, nargs="+", metavar="CKPT", help="one or more checkpoints")
+                    "when their backbone weights are local; JPEG, WebP, AVIF and JPEG-XL at matched bpp and on a "
+                    "quality ladder; BD-rate and BD-metric of every metric against each anchor and between runs. "
+                    "--ckpt may be repeated: each group is one RD curve. --recon/--bits score another codec's "
+                    "reconstructions and file sizes the same way. Writes OUT_DIR/per_image.csv, per_image.json, "
+                    "aggregate.json, bd.json, compressai/<curve>.json, rd.png and files/.")
+    parser.add_argument("--ckpt", action="append", nargs="+", metavar="CKPT",
+                        help="checkpoints of one RD curve (globs allowed); repeat --ckpt for more curves")
     parser.add_argument("data", metavar="DATA_DIR", nargs="?",
                         help="folder of images (searched recursively) or an image; may follow the checkpoints")
     parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the results")
+    parser.add_argument("--recon", nargs="+", default=None, metavar="DIR",
+                        help="another codec's reconstructions, one folder per rate point (files named as the "
+                             "originals, any image format)")
+    parser.add_argument("--bits", nargs="+", default=None, metavar="DIR_OR_CSV",
+                        help="per --recon: a folder of that codec's files (sizes = rate), or a CSV with columns "
+                             "image and bytes|bits|bpp")
+    parser.add_argument("--name", default="other", help="curve name of the --recon codec (default: other)")
     parser.add_argument("--weights-dir", default=None, metavar="DIR",
                         help="folder of perceptual backbone weights (default: $ONEDC_WEIGHTS, else torch hub's cache)")
-    parser.add_argument("--no-baselines", dest="baselines", action="store_false", help="skip JPEG and WebP")
+    parser.add_argument("--anchors", default="jpeg,webp,avif,jxl", metavar="LIST",
+                        help="comma-separated anchors (default: jpeg,webp,avif,jxl; one not installed is skipped "
+                             "with a note)")
+    parser.add_argument("--no-baselines", dest="baselines", action="store_false", help="skip all anchors")
+    parser.add_argument("--z-only", action="store_true",
+                        help="also code every checkpoint as z-only files (y = the prior means): one more point "
+                             "per checkpoint, at the lowest rate, on its curve")
+    parser.add_argument("--bd-method", default="akima", choices=("akima", "pchip"),
+                        help="interpolation of the BD fits (bjontegaard package; default: akima)")
     parser.add_argument("--max-images", type=_positive_int, default=None, metavar="N", help="first N images only")
     parser.add_argument("--steps", type=_positive_int, default=1, metavar="N",
                         help="generator decoding steps (N > 1: multi-step baseline; needs a generator)")
@@ -570,6 +646,59 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--fail-fast", action="store_true",
                         help="stop at the first image that fails (default: report on the others and list it)")
     parser.set_defaults(func=_cmd_eval)
+
+
+# --------------------------------------------------------------------------- sweep
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    """Train one run per λ (``train.py stage=... stage.lmbda=λ``), then evaluate their final checkpoints as one curve.
+
+    Nothing of the curriculum can be shared between λ values: λ is the rate weight of stage 1
+    (distill), and every later stage starts from that stage's codec; the one shared piece is the
+    tiny preset's quick-trained VAE, which is cached by its config. A finished run is skipped
+    (``resume=auto``), so a sweep that was stopped continues where it stopped.
+    """
+    from onedc.eval import evaluate
+    from onedc.training.config import compose
+    from onedc.training.pipeline import run
+
+    root = Path(args.output)
+    ckpts: list[str] = []
+    for lmbda in args.lambdas:
+        key = "stage.distill.lmbda" if args.stage == "all" else "stage.lmbda"
+        cfg = compose([f"stage={args.stage}", f"run_dir={root / f'lmbda_{lmbda:g}'}", f"{key}={lmbda}",
+                       *args.overrides])
+        results = run(cfg)
+        ckpts.append(str(results[-1].final_ckpt))
+        _say(f"lambda {lmbda:g}: {results[-1].final_ckpt}")
+    if args.data is None:
+        from onedc.samples import sample_photo_paths
+
+        data: object = list(sample_photo_paths().values())
+    else:
+        data = args.data
+    result = evaluate(ckpts, data, root / "eval", curves=[f"sweep:{root.name}"] * len(ckpts),
+                      max_images=args.max_images, baselines=args.baselines, z_only=args.z_only)
+    _say(result.bd_text)
+    _say(f"wrote {', '.join(str(p) for p in result.paths.values())}")
+    return 0
+
+
+def _register_sweep(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "sweep", help="train a lambda ladder and evaluate it as one RD curve",
+        description="For each --lambdas value, train the curriculum (train.py stage=STAGE with the rate weight "
+                    "lambda, run dir OUT/lmbda_VALUE, any further KEY=VALUE overrides of train.py), then run "
+                    "onedc eval on the final checkpoints as one curve (OUT/eval). Finished runs are skipped.")
+    parser.add_argument("--lambdas", required=True, nargs="+", type=float, metavar="L", help="rate weights")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="folder of the runs and the evaluation")
+    parser.add_argument("--stage", default="all", choices=("all", "distill", "latent", "finetune"),
+                        help="stage to train per lambda (default: all, the chain)")
+    parser.add_argument("--data", default=None, metavar="DIR", help="evaluation images (default: the sample photos)")
+    parser.add_argument("--max-images", type=_positive_int, default=None, metavar="N", help="evaluate N images only")
+    parser.add_argument("--no-baselines", dest="baselines", action="store_false", help="evaluate without anchors")
+    parser.add_argument("--z-only", action="store_true", help="add each checkpoint's z-only point")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="train.py overrides (e.g. model=tiny)")
+    parser.set_defaults(func=_cmd_sweep)
 
 
 # --------------------------------------------------------------------------- import-reference
@@ -700,6 +829,7 @@ SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "decompress": _register_decompress,
     "info": _register_info,
     "eval": _register_eval,
+    "sweep": _register_sweep,
     "export": _register_export,
     "import-reference": _register_import_reference,
     "make-shards": _register_make_shards,

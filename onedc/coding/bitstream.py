@@ -17,7 +17,7 @@ y stream). All integers are unsigned little-endian. Format version 2, byte by by
     38      2    u16      z_height       z grid rows    = (height + pad_bottom) / stride
     40      2    u16      z_width        z grid columns = (width + pad_right) / stride
     42      1    u8       z_bits         bits per fixed-length z index (14 for FSQ [4]*7)
-    43      1    u8       reserved       0
+    43      1    u8       flags          bit 0: z-only file (no y stream, no fix list); other bits 0
     44      4    u32      z_len          bytes of the z stream = ceil(z_height*z_width*z_bits/8)
     48      4    u32      y_len          bytes of the y stream (CompressAI rANS)
     52      4    u32      fix_len        bytes of the fix list (1 when it is empty)
@@ -27,6 +27,11 @@ y stream). All integers are unsigned little-endian. Format version 2, byte by by
     68   z_len   bytes    z stream       bit-packed FSQ indices, MSB first, row-major
     ..  fix_len  bytes    fix list       the encoder's decisions near a boundary (onedc.modules.decisions)
     ..   y_len   bytes    y stream       rANS-coded ŷ (one image)
+
+A **z-only** file (flag bit 0; ``onedc compress --z-only``, the published model's extreme-rate mode,
+docs/reference-model.md §4.9) carries the z stream only: ``y_len`` and ``fix_len`` are 0 and
+``symbol_crc`` is 0, so it is exactly 68 bytes + the z stream. Its decoder takes ŷ to be the
+hyperprior's means (each family's ``z_only_latents``). Format-1 files have no flags.
 
 ``symbol_crc`` lets the decoder prove that it repeated the encoder's integer decisions (rANS
 table and mean of every ŷ symbol) and decoded the same symbols: a mismatch is an error, never a
@@ -62,6 +67,8 @@ from onedc.errors import (
 )
 
 MAGIC = b"\x89ODC"
+FLAG_Z_ONLY = 0x01  # flags bit 0: the file carries only z (ŷ = the prior means)
+KNOWN_FLAGS = FLAG_Z_ONLY
 FORMAT_VERSION = 2
 MODEL_ID_BYTES = 16
 MAX_SIDE = 65535  # image height/width limit (pixels)
@@ -104,6 +111,12 @@ class Container:
     fix_stream: bytes = b"\x00"  # the empty fix list (version 2); b"" in version 1
     symbol_crc: int = 0
     version: int = FORMAT_VERSION
+    flags: int = 0
+
+    @property
+    def z_only(self) -> bool:
+        """Whether the file carries only z (no y stream): ŷ is decoded as the hyperprior's means."""
+        return bool(self.flags & FLAG_Z_ONLY)
 
     @property
     def pad_bottom(self) -> int:
@@ -149,6 +162,7 @@ class Container:
         """Header fields as display strings, in file order (what ``onedc info`` prints)."""
         return {
             "format_version": str(self.version),
+            "kind": "z-only (no y stream: y is decoded as the hyperprior's means)" if self.z_only else "z + y",
             "header_bytes": str(self.header_size),
             "model_id": self.model_id.hex(),
             "height": str(self.height),
@@ -197,9 +211,13 @@ def _check_fields(c: Container, error: type[Exception]) -> None:
         problems.append(f"format version {c.version} is outside 1..65535")
     if len(c.y_stream) > 0xFFFFFFFF or len(c.fix_stream) > 0xFFFFFFFF:
         problems.append("a stream does not fit a u32 length")
-    if c.version == 1 and c.fix_stream:
+    if c.flags & ~KNOWN_FLAGS or not 0 <= c.flags <= 0xFF or (c.version == 1 and c.flags):
+        problems.append(f"flags {c.flags:#x} are not defined (format {c.version} knows {KNOWN_FLAGS if c.version > 1 else 0:#x})")
+    elif c.z_only and (c.y_stream or c.fix_stream or c.symbol_crc):
+        problems.append("a z-only file has no y stream, fix list or symbol CRC")
+    elif c.version == 1 and c.fix_stream:
         problems.append("format version 1 has no fix list")
-    elif c.version != 1 and not c.fix_stream:
+    elif c.version != 1 and not c.z_only and not c.fix_stream:
         problems.append(f"format version {c.version} needs a fix list (at least its count byte)")
     if problems:
         raise error("invalid .onedc header: " + "; ".join(problems))
@@ -217,7 +235,7 @@ def encode_container(container: Container) -> bytes:
     payload = container.payload
     c = container
     common = (MAGIC, c.version, c.header_size, c.model_id, c.height, c.width, c.pad_bottom, c.pad_right,
-              c.stride, c.z_height, c.z_width, c.z_bits, 0, len(c.z_stream), len(c.y_stream))
+              c.stride, c.z_height, c.z_width, c.z_bits, c.flags, len(c.z_stream), len(c.y_stream))
     if c.version == 1:
         fields = _FIELDS_V1.pack(*common, zlib.crc32(payload))
     else:
@@ -267,9 +285,12 @@ def decode_container(data: bytes, expected_model_id: bytes | None = None) -> Con
     else:
         (_, _, header_size, model_id, height, width, pad_bottom, pad_right, stride, z_height, z_width, z_bits,
          reserved, z_len, y_len, fix_len, symbol_crc, payload_crc) = fields
-    if header_size != expected_header or reserved != 0:
+    if header_size != expected_header or (version == 1 and reserved != 0):
         raise BitstreamError(f"invalid .onedc header: header size {header_size} (expected {expected_header}) "
                              f"or reserved byte {reserved} (expected 0) do not match format version {version}")
+    if reserved & ~KNOWN_FLAGS:
+        raise UnsupportedVersionError(f"file sets flags {reserved:#x} this onedc does not know (it knows "
+                                      f"{KNOWN_FLAGS:#x}): upgrade onedc to decode it")
     end = expected_header + z_len + fix_len + y_len
     if len(data) < end:
         raise TruncatedBitstreamError(
@@ -282,7 +303,7 @@ def decode_container(data: bytes, expected_model_id: bytes | None = None) -> Con
     container = Container(model_id=model_id, height=height, width=width, stride=stride, z_height=z_height,
                           z_width=z_width, z_bits=z_bits, z_stream=payload[:z_len],
                           fix_stream=payload[z_len:z_len + fix_len], y_stream=payload[z_len + fix_len:],
-                          symbol_crc=symbol_crc, version=version)
+                          symbol_crc=symbol_crc, version=version, flags=reserved if version > 1 else 0)
     _check_fields(container, BitstreamError)
     if (pad_bottom, pad_right) != (container.pad_bottom, container.pad_right):
         raise BitstreamError(f"invalid .onedc header: padding {pad_bottom}x{pad_right} does not match the "

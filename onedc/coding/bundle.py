@@ -39,6 +39,7 @@ from onedc.coding.bitstream import (
     DEFAULT_MAX_PIXELS,
     MAX_PADDED_PIXELS,
     MAX_SIDE,
+    FLAG_Z_ONLY,
     Container,
     check_pixel_limit,
     decode_container,
@@ -51,7 +52,7 @@ from onedc.coding.identity import model_identity
 from onedc.families import FamilyCodec, ModelFamily, family_of, generator_settings, load_part, split_parts, weights_only_config
 from onedc.modules.coding_tables import tables_missing
 from onedc.modules.decode_speed import set_vae_tiling
-from onedc.modules.streams import DecodedLatents, pad_to_multiple
+from onedc.modules.streams import DecodedLatents, pack_indices, pad_to_multiple, unpack_indices
 
 __all__ = ["DecodedImage", "OneDCCodec"]
 
@@ -230,8 +231,12 @@ class OneDCCodec(nn.Module):
         return next(self.codec.parameters()).device
 
     # ---------------------------------------------------------------- coding
-    def _prepare(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """(3,H,W) image in [-1,1] -> (1,3,H',W') padded to the codec's multiple, and (H, W)."""
+    def _prepare(self, x: Tensor, mode: str = "replicate") -> tuple[Tensor, tuple[int, int]]:
+        """(3,H,W) image in [-1,1] -> (1,3,H',W') padded to the codec's multiple, and (H, W).
+
+        ``mode`` ``reflect`` (z-only files of the published model) falls back to replication where a
+        side is shorter than its padding, which reflection cannot fill.
+        """
         if x.ndim != 3 or x.shape[0] != 3:
             raise ValueError(f"expected one RGB image of shape (3, H, W), got {tuple(x.shape)}")
         height, width = int(x.shape[1]), int(x.shape[2])
@@ -240,6 +245,10 @@ class OneDCCodec(nn.Module):
         if not (1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE) or padded_pixels > MAX_PADDED_PIXELS:
             raise OneDCError(f"image of {height}x{width} pixels is too large for a .onedc file "
                              f"(at most {MAX_SIDE} per side and {MAX_PADDED_PIXELS} padded pixels): split it into tiles")
+        if mode == "reflect" and (-height) % stride < height and (-width) % stride < width:
+            padded = torch.nn.functional.pad(x[None].to(self.device, torch.float32),
+                                             (0, (-width) % stride, 0, (-height) % stride), mode="reflect")
+            return padded, (height, width)
         return pad_to_multiple(x[None].to(self.device, torch.float32), stride)
 
     @torch.no_grad()
@@ -262,6 +271,25 @@ class OneDCCodec(nn.Module):
         """
         padded, size = self._prepare(x)
         return self._compress_prepared(padded, self.vae.encode(padded), size)[0]
+
+    @torch.no_grad()
+    def compress_z_only(self, x: Tensor) -> bytes:
+        """Compress one image (3, H, W) in [-1, 1] into a z-only ``.onedc`` file: the z stream and the header.
+
+        Only the fixed-length z indices are written (z_bits per 64×64 block, flag ``z-only``); the
+        decoder takes ŷ to be the hyperprior's means (the family's ``z_only_latents``; for the
+        published model its extreme-rate mode, docs/reference-model.md §4.9). The image is padded
+        to the codec's multiple with the family's ``z_only_padding`` (reflection for the published
+        model, as its release does; replication where the image is too small to reflect).
+        """
+        padded, size = self._prepare(x, mode=self.family.z_only_padding)
+        indices = self.family.z_only_indices(self.codec, padded, self.vae.encode(padded))
+        z_height, z_width = int(indices.shape[-2]), int(indices.shape[-1])
+        return encode_container(Container(
+            model_id=self.model_id, height=size[0], width=size[1], stride=self.codec.downsample,
+            z_height=z_height, z_width=z_width, z_bits=self.codec.fsq.bits_per_index,
+            z_stream=pack_indices(indices[0].cpu().numpy(), self.codec.fsq.bits_per_index), y_stream=b"",
+            fix_stream=b"", symbol_crc=0, flags=FLAG_Z_ONLY))
 
     @torch.no_grad()
     def compress_with_estimate(self, x: Tensor) -> tuple[bytes, float, float]:
@@ -325,7 +353,7 @@ class OneDCCodec(nn.Module):
         self.check_steps(steps)
         header = decode_container(data, expected_model_id=self.model_id)
         check_pixel_limit(header, max_pixels)
-        decoded = self._entropy_decode(header)
+        decoded = self._z_only_decode(header) if header.z_only else self._entropy_decode(header)
         latent = self._latent_from(decoded, steps=steps)
         image = self._vae_decode(latent)
         return DecodedImage(image=image[0, :, : header.height, : header.width], y_hat=decoded.y_hat,
@@ -347,7 +375,8 @@ class OneDCCodec(nn.Module):
         headers = [decode_container(data, expected_model_id=self.model_id) for data in files]
         for header in headers:
             check_pixel_limit(header, max_pixels)
-        entries = [(header, self._entropy_decode(header)) for header in headers]
+        entries = [(header, self._z_only_decode(header) if header.z_only else self._entropy_decode(header))
+                   for header in headers]
         results: list[DecodedImage | None] = [None] * len(entries)
         groups: dict[tuple[int, int], list[int]] = {}
         for index, (header, _) in enumerate(entries):
@@ -375,6 +404,19 @@ class OneDCCodec(nn.Module):
                             self.vae.downsample)
             set_vae_tiling(self.vae.autoencoder, plan.tile)
         return self.vae.decode(latent).clamp(-1.0, 1.0)
+
+    def _z_only_decode(self, header: Container) -> DecodedLatents:
+        """A z-only file's latents: ẑ from its z stream, ŷ = the prior means (the family's ``z_only_latents``)."""
+        codec = self.codec
+        if header.stride != codec.downsample or header.z_bits != codec.fsq.bits_per_index:
+            raise BitstreamError(f"file codes z at stride {header.stride} with {header.z_bits}-bit indices, the model "
+                                 f"at stride {codec.downsample} with {codec.fsq.bits_per_index}: the header is inconsistent")
+        indices = unpack_indices(header.z_stream, header.z_height * header.z_width, header.z_bits)
+        if (indices >= codec.fsq.codebook_size).any():
+            raise BitstreamError("z stream holds an index outside the FSQ codebook: the file is corrupt")
+        z_hat = codec.fsq.indices_to_codes(
+            torch.from_numpy(indices).view(1, header.z_height, header.z_width).to(self.device))
+        return self.family.z_only_latents(codec, z_hat)
 
     def _entropy_decode(self, header: Container) -> DecodedLatents:
         """Container streams -> decoder-side latents, with every coder failure as BitstreamError."""

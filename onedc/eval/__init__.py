@@ -4,7 +4,7 @@
 
     image ─ OneDCCodec.compress_image ─> .onedc bytes ─ (written to OUT/files/) ─> bpp = 8·bytes / (H·W)
                                             └─ decompress_bytes(steps) ─> x̂
-    image ─ Pillow JPEG / WebP: a fixed quality ladder + per image the quality whose file bpp is
+    image ─ Pillow JPEG / WebP / AVIF / JPEG-XL: a fixed quality ladder + per image the quality whose file bpp is
             closest to onedc's (binary search) ─> bytes ─> bpp, x̂
     (x, x̂) both rounded to 8 bits ─> PSNR, MS-SSIM                         (always)
                                    ─> LPIPS (AlexNet), DISTS (VGG16)        (when their weights are local)
@@ -12,7 +12,10 @@
 
 Outputs (see :func:`evaluate`): ``per_image.csv`` / ``per_image.json`` (one row per image and codec
 setting), ``aggregate.json`` (means per codec setting, FID/KID, notes) and ``rd.png`` (bpp vs PSNR
-and bpp vs MS-SSIM: the onedc λ ladder, one point per checkpoint, against JPEG and WebP).
+and the other metrics: each onedc λ ladder, one point per checkpoint, against the anchors and other
+codecs), ``bd.json`` (BD-rate and BD-metric of every metric, :mod:`onedc.eval.bd`) and
+``compressai/<curve>.json`` (each curve in CompressAI's results layout). Another codec's
+reconstructions and file sizes are scored the same way (:class:`~onedc.eval.run.Recon`).
 
 Conventions. bpp divides the whole file (header included) by the original pixel count; the
 aggregate bpp/PSNR/... are means over images (as CompressAI and the Kodak tables report them).
@@ -45,15 +48,19 @@ FID/KID and their weight files), :mod:`~onedc.eval.anchors` (Pillow JPEG/WebP),
 :mod:`~onedc.eval.report` (rows, means, CSV/JSON, the RD plot), :mod:`~onedc.eval.run`
 (:func:`evaluate`). Evaluation layer: it may import coding and below, never callbacks or stages.
 """
-from onedc.eval.anchors import BASELINES, JPEG_QUALITIES, WEBP_QUALITIES, match_quality, pillow_decode, pillow_encode
+from onedc.eval.anchors import (ANCHOR_LADDERS, ANCHORS, BASELINES, JPEG_QUALITIES, WEBP_QUALITIES, anchor_available,
+                                match_quality, missing_anchors, pillow_decode, pillow_encode)
+from onedc.eval.bd import BD_METHODS, BD_METRICS, HIGHER_IS_BETTER, bd, bd_table, curves_of, format_bd_table
 from onedc.eval.perceptual import (FID_PATCH, INCEPTION_FILE, VGG16_FILE, WEIGHT_URLS, WEIGHTS_ENV, PerceptualMetrics,
                                    fid_kid, fid_patches, find_weights, weights_dirs)
 from onedc.eval.pixels import MS_SSIM_BETAS, MS_SSIM_KERNEL, ms_ssim_settings, ms_ssim_uint8, psnr, psnr_uint8, to_uint8
-from onedc.eval.report import METRICS, ROW_FIELDS, aggregate, rd_plot, write_csv
-from onedc.eval.run import EvalResult, checkpoint_labels, evaluate
+from onedc.eval.report import METRICS, ROW_FIELDS, aggregate, compressai_results, rd_plot, write_csv
+from onedc.eval.run import EvalResult, Recon, checkpoint_labels, evaluate
 from onedc.modules.losses import ALEXNET_FILE
 
 __all__ = [
+    "ANCHORS", "ANCHOR_LADDERS", "BD_METHODS", "BD_METRICS", "HIGHER_IS_BETTER", "Recon", "anchor_available", "bd",
+    "bd_table", "compressai_results", "curves_of", "format_bd_table", "missing_anchors",
     "ALEXNET_FILE", "BASELINES", "FID_PATCH", "INCEPTION_FILE", "JPEG_QUALITIES", "METRICS", "MS_SSIM_BETAS",
     "MS_SSIM_KERNEL", "ROW_FIELDS", "VGG16_FILE", "WEBP_QUALITIES", "WEIGHTS_ENV", "WEIGHT_URLS", "EvalResult",
     "PerceptualMetrics", "aggregate", "checkpoint_labels", "evaluate", "fid_kid", "fid_patches", "find_weights",

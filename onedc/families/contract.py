@@ -9,6 +9,7 @@ A *family* is one registered object (:class:`ModelFamily`) that owns, for a mode
     generator    how a fresh generator starts                    (start_generator)
     stages       the codec pass and its rate                     (codec_pass, rate_bits, semantic_width, idle_parts)
     coding       the file's decoder-side identity and streams    (decoder_prefixes, y_symbols, load_codec)
+    z-only       files that carry only z: ŷ = the prior means      (z_only_padding, z_only_indices, z_only_latents)
 
 Stages, the pipeline, the coding bundle, evaluation and the importer call the family and never
 ask which one they hold. Two families are registered: ``light`` (the CompressAI hyperprior codec
@@ -149,6 +150,18 @@ class ModelFamily(abc.ABC):
     def load_codec(self, codec: nn.Module, weights: Mapping[str, Tensor], source: Path) -> None:
         """Load a bundle's codec weights strictly (default: :func:`load_part`)."""
         load_part("codec", codec, dict(weights), source)
+
+    # ------------------------------------------------------------------ z-only files
+    #: how a z-only encoder pads the image to the codec's multiple (torch ``F.pad`` mode)
+    z_only_padding: ClassVar[str] = "replicate"
+
+    @abc.abstractmethod
+    def z_only_indices(self, codec: nn.Module, x: Tensor, v: Tensor) -> Tensor:
+        """FSQ indices (B, h, w) of ẑ for padded images ``x`` and their VAE latents ``v``: all a z-only file holds."""
+
+    @abc.abstractmethod
+    def z_only_latents(self, codec: nn.Module, z_hat: Tensor) -> DecodedLatents:
+        """Decoder-side latents of a z-only file from ẑ alone: ŷ is the hyperprior's means (nothing of y coded)."""
 
     def __repr__(self) -> str:
         return f"<model family {self.name!r}>"

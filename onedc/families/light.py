@@ -23,6 +23,7 @@ from onedc.families.contract import ModelFamily, load_part, register_family
 from onedc.modules.coding_tables import CDF_BUFFERS, fit_cdf_buffers, tables_missing
 from onedc.modules.generator import build_generator
 from onedc.modules.light.codec import HyperpriorCodec
+from onedc.modules.streams import DecodedLatents
 from onedc.modules.vae import build_vae
 
 
@@ -118,6 +119,19 @@ class LightFamily(ModelFamily):
         load_part("codec", codec, weights, source, allowed_missing=tables if no_tables else (), plain=no_tables)
         if tables_missing(codec):
             codec.update(force=True)
+
+
+    def z_only_indices(self, codec: nn.Module, x: Tensor, v: Tensor) -> Tensor:
+        """h_a's ẑ of the padded images as FSQ indices (what ``HyperpriorCodec.compress`` packs into the z stream)."""
+        _, sem = codec.analysis(x, v)
+        return codec.fsq.codes_to_indices(codec.hyper_analysis(sem))
+
+    def z_only_latents(self, codec: nn.Module, z_hat: Tensor) -> DecodedLatents:
+        """ŷ = the hyperprior's means μ = entropy_parameters(h_s(ẑ)); g_s, h_sem and the latent head as usual."""
+        hyper, means, _ = codec.hyper_synthesis(z_hat)
+        semantic, tokens = codec.semantics(z_hat)
+        features, latent_hat = codec.synthesis(means.to(hyper.dtype), hyper)
+        return DecodedLatents(means, z_hat, semantic, tokens, features, latent_hat)
 
 
 LIGHT = register_family(LightFamily())

@@ -119,7 +119,7 @@ def write_report(ckpts: Mapping[str, str | Path], images: Sequence[str | Path], 
     out_dir = Path(out_dir)
     names, paths = list(ckpts), [Path(ckpts[n]) for n in ckpts]
     result = evaluate(paths, [Path(p) for p in images], out_dir, progress=False, say=say,
-                      jpeg_qualities=LADDER, webp_qualities=LADDER)
+                      jpeg_qualities=LADDER, webp_qualities=LADDER, anchors=("jpeg", "webp"))
     label_of = dict(zip(names, checkpoint_labels(paths)))  # the settings evaluate gave them
     photos = list(dict.fromkeys(row["image"] for row in result.rows))
 

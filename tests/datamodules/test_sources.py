@@ -10,12 +10,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from source_helpers import CORRUPT, batch_hash, build_all, build_folder, data_overrides  # noqa: E402
+from source_helpers import batch_hash, build_all, build_folder, data_overrides  # noqa: E402
 
 from onedc.datamodules.source_data import (AuthorsCropProtocol, GlobalOrderSampler, Position,  # noqa: E402
                                            SourceDataModule, position_after)
 from onedc.errors import ConfigError, DataError  # noqa: E402
-from onedc.datamodules.shards import make_shards  # noqa: E402
 
 pytest.importorskip("datasets")
 pytest.importorskip("wids")

@@ -19,7 +19,7 @@ from onedc.coding.bitstream import decode_container
 from onedc.cli import SUBCOMMANDS, main
 from onedc.errors import OneDCError
 from onedc.eval import (
-    ALEXNET_FILE, INCEPTION_FILE, JPEG_QUALITIES, VGG16_FILE, WEBP_QUALITIES, PerceptualMetrics, evaluate,
+    ALEXNET_FILE, ANCHOR_LADDERS, ANCHORS, INCEPTION_FILE, VGG16_FILE, PerceptualMetrics, evaluate,
     fid_kid, fid_patches, ms_ssim_settings, ms_ssim_uint8, pillow_encode, to_uint8)
 from onedc.coding.bundle import OneDCCodec
 
@@ -59,7 +59,7 @@ def test_eval_writes_csv_json_plot_and_real_files(cli_run):
     out, stdout, _, _ = cli_run
     rows = read_csv(out / "per_image.csv")
     images, ckpts = 3, 2
-    per_image = ckpts + len(JPEG_QUALITIES) + len(WEBP_QUALITIES) + 2 * ckpts  # onedc, ladders, matched
+    per_image = ckpts + sum(map(len, ANCHOR_LADDERS.values())) + len(ANCHORS) * ckpts  # onedc, ladders, matched
     assert len(rows) == images * per_image
     assert json.loads((out / "per_image.json").read_text())[0]["image"] == rows[0]["image"]
     assert sorted(p.relative_to(out).as_posix() for p in (out / "files").rglob("*.onedc")) == [
@@ -70,6 +70,13 @@ def test_eval_writes_csv_json_plot_and_real_files(cli_run):
     settings = {(e["codec"], e["setting"]) for e in aggregate["results"]}
     assert {("onedc", "low"), ("onedc", "high"), ("jpeg", "q=50"), ("webp", "matched:high")} <= settings
     assert "onedc  high" in stdout and "rd.png" in stdout
+    # All four anchors ran (Pillow's AVIF and pillow-jxl-plugin are installed here), and the BD table
+    # compares onedc with each, for the metrics that have values, printed and in bd.json.
+    assert aggregate["anchors"] == ["jpeg", "webp", "avif", "jxl"]
+    bd_rows = json.loads((out / "bd.json").read_text())["rows"]
+    assert {(r["test"], r["anchor"]) for r in bd_rows} == {("onedc", a) for a in ("jpeg", "webp", "avif", "jxl")}
+    assert {r["metric"] for r in bd_rows} == {"psnr", "ms_ssim"}
+    assert "BD-rate" in stdout and "onedc vs avif" in stdout and "onedc vs jxl" in stdout
 
 
 def test_bpp_is_the_file_size(cli_run):
@@ -102,7 +109,7 @@ def test_baselines_are_matched_to_the_onedc_bpp(cli_run, image_dir):
     rows = read_csv(out / "per_image.csv")
     onedc = {(r["setting"], r["image"]): float(r["bpp"]) for r in rows if r["codec"] == "onedc"}
     for codec in ("jpeg", "webp"):
-        assert {r["setting"] for r in rows if r["codec"] == codec} >= {f"q={q}" for q in JPEG_QUALITIES[:1]}
+        assert {r["setting"] for r in rows if r["codec"] == codec} >= {f"q={q}" for q in ANCHOR_LADDERS[codec]}
         for row in (r for r in rows if r["codec"] == codec and r["setting"].startswith("matched:")):
             target = onedc[(row["setting"].split(":", 1)[1], row["image"])]
             assert float(row["target_bpp"]) == target

@@ -6,7 +6,6 @@ missing normalisation or a detached realism path fails.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch

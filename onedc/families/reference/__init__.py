@@ -79,4 +79,23 @@ class ReferenceFamily(ModelFamily):
         return int(codec.config["bottleneck_ch"]) * (padded_size[0] // Y_STRIDE) * (padded_size[1] // Y_STRIDE)
 
 
+    # The released z-only script pads by reflection, not replication (docs/reference-model.md §4.9).
+    z_only_padding = "reflect"
+
+    def z_only_indices(self, codec: nn.Module, x: Tensor, v: Tensor) -> Tensor:
+        """FSQ indices of ẑ = FSQ(h_a(g_a(x, v))) (as the codec's ``compress`` packs them)."""
+        y, sem = codec.analyse(x, v)
+        return codec.fsq.codes_to_indices(codec.quantise_z(codec.hyper_analyse(y, sem)))
+
+    def z_only_latents(self, codec: nn.Module, z_hat: Tensor):
+        """docs/reference-model.md §4.9: the four context steps with q = 0, so ŷ_k = μ_k·M_k and step k's
+        means come from Σ_{j<k} ŷ_j; S from ẑ, F = g_s(ŷ, S). ``latent_hat`` is None (the generator decodes)."""
+        from onedc.modules.reference.context import zero_residuals
+        from onedc.modules.reference.synthesis import semantic_tokens
+        from onedc.modules.streams import DecodedLatents
+
+        context, semantic, features = codec.decode_from_z(z_hat, zero_residuals)
+        return DecodedLatents(context.y_hat, z_hat, semantic, semantic_tokens(semantic), features, None)
+
+
 REFERENCE = register_family(ReferenceFamily())
