@@ -101,7 +101,7 @@ def test_decode_benchmark_times_the_real_reference_decoder(imported, capsys):
     # h_s twice (float64 decision path, float32 for the semantic branch), 3 context step priors.
     assert [timer.calls[r] for r in rows] == [2 * 3, 3 * 2, 2]
     assert sum(times[r] for r in rows) < times["entropy_stage"] < times["total"]
-    bench.main(["--ckpt", str(imported), "--size", "128", "--steps", "2", "--repeats", "1"])
+    bench.main(["--mode", "steps", "--ckpt", str(imported), "--size", "128", "--steps", "2", "--repeats", "1"])
     printed = capsys.readouterr().out
     assert "one timed round (repeats=1)" in printed and "ratio 2-step / 1-step:" in printed
     assert "context step priors (steps 1-3)" in printed and "UNet (1 | 2 steps)" in printed

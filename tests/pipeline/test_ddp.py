@@ -18,10 +18,12 @@ DDP = ["stage=distill", "trainer=ddp", "trainer.devices=2", "trainer.logger=none
 def test_ddp_run_killed_and_resumed_continues_from_its_step(tmp_path):
     args = [*DDP, f"run_dir={tmp_path}"]
     # A new session: the kill takes the rank-1 process Lightning spawned along with rank 0.
+    # One thread per rank: two ranks beside another pytest worker on 2 cores otherwise crawl.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(train_cmd(*args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     last = tmp_path / "distill" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
+    deadline = time.time() + 480
     while time.time() < deadline and not last.exists():
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)

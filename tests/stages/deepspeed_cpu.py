@@ -52,3 +52,20 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
 
     def _get_process_group_backend(self) -> str:
         return "gloo"
+
+
+def release_distributed() -> None:
+    """Destroy this process's torch.distributed group and DeepSpeed's cached references to it.
+
+    In-process DeepSpeed tests share a pytest worker: a later test must not find the process
+    group objects an earlier one destroyed (DeepSpeed caches them in module globals).
+    """
+    import sys
+
+    import torch
+
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None and hasattr(groups, "_release_process_group_references"):
+        groups._release_process_group_references()

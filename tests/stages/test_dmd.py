@@ -267,9 +267,11 @@ def isolated_distributed(monkeypatch):
     for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    from deepspeed_cpu import release_distributed
+
+    release_distributed()
     yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    release_distributed()
 
 
 @pytest.mark.slow
