@@ -70,3 +70,17 @@ def short_distill_ckpt(tmp_path_factory):
     from shared_runs import SHORT_DISTILL_STEPS, shared_run, short_distill_run
 
     return shared_run(tmp_path_factory, f"short-distill-{SHORT_DISTILL_STEPS}", short_distill_run)
+
+
+@pytest.fixture
+def free_master_port(monkeypatch):
+    """A free MASTER_PORT for this test's DDP processes (inherited by its subprocesses).
+
+    Two pytest workers may run DDP tests at once; each run then rendezvouses on its own port.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    return port

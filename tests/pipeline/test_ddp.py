@@ -15,7 +15,7 @@ DDP = ["stage=distill", "trainer=ddp", "trainer.devices=2", "trainer.logger=none
 
 
 @pytest.mark.slow
-def test_ddp_run_killed_and_resumed_continues_from_its_step(tmp_path):
+def test_ddp_run_killed_and_resumed_continues_from_its_step(tmp_path, free_master_port):
     args = [*DDP, f"run_dir={tmp_path}"]
     # A new session: the kill takes the rank-1 process Lightning spawned along with rank 0.
     # One thread per rank: two ranks beside another pytest worker on 2 cores otherwise crawl.

@@ -275,7 +275,7 @@ def test_finetune_logs_gan_metrics_and_saves_the_critic(finetune_run):
 
 # --------------------------------------------------------------------------- DDP and DeepSpeed
 @pytest.mark.slow
-def test_finetune_under_ddp_with_two_cpu_processes(latent_ckpt, tmp_path):
+def test_finetune_under_ddp_with_two_cpu_processes(latent_ckpt, tmp_path, free_master_port):
     args = ["model=tiny_random", "stage=finetune", f"init_from={latent_ckpt}", "trainer=ddp", "trainer.devices=2", f"run_dir={tmp_path}",
             "trainer.logger=none", "trainer.enable_progress_bar=false", "data.batch_size=2", "data.crop_size=128", "data.val_crop_size=128",
             "trainer.max_steps=3", "stage.gan_start_step=1", "stage.val_every_n_steps=3",
