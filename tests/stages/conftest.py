@@ -37,3 +37,19 @@ def latent_ckpt(distill_ckpt, tmp_path_factory) -> Path:
                               "stage.warmup_steps=1", "stage.ema_decay=0.5", "stage.image_every_n_steps=null"])
         return pipeline.run(cfg)[0].final_ckpt
     return shared_run(tmp_path_factory, f"latent-{LATENT_CKPT_STEPS}", make)
+
+
+@pytest.fixture
+def isolated_distributed(monkeypatch):
+    """In-process DeepSpeed tests: no inherited rank variables, one thread, and no process group or
+    DeepSpeed group reference left from another test in this worker (before and after)."""
+    from deepspeed_cpu import release_distributed
+
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    # Lightning's distributed strategies set torch's threads to cores/processes unless OMP_NUM_THREADS
+    # is set: 2 threads on a shared 2-core box made each step ~7x slower.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    release_distributed()
+    yield
+    release_distributed()

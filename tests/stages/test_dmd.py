@@ -261,18 +261,6 @@ def test_dmd_smoke_run_from_the_latent_stage(latent_ckpt, tmp_path):
     assert codec is not None
 
 
-@pytest.fixture
-def isolated_distributed(monkeypatch):
-    """DeepSpeed initialises torch.distributed in this process and exports rank variables: undo both."""
-    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    from deepspeed_cpu import release_distributed
-
-    release_distributed()
-    yield
-    release_distributed()
-
 
 @pytest.mark.slow
 def test_dmd_under_deepspeed_zero2_on_cpu(latent_ckpt, tmp_path, isolated_distributed, monkeypatch):

@@ -296,20 +296,6 @@ def test_finetune_under_ddp_with_two_cpu_processes(latent_ckpt, tmp_path, free_m
     assert [e["step"] for e in json.loads((sdir / "val_history.json").read_text())] == [0, 3]
 
 
-@pytest.fixture
-def isolated_distributed(monkeypatch):
-    """DeepSpeed initialises torch.distributed in this process and exports rank variables: undo both."""
-    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK"):
-        monkeypatch.delenv(key, raising=False)
-    # Lightning's distributed strategies set torch's threads to cores/processes unless OMP_NUM_THREADS
-    # is set: 2 threads on a shared 2-core box made each step ~7x slower.
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    from deepspeed_cpu import release_distributed
-
-    release_distributed()
-    yield
-    release_distributed()
-
 
 class OptimizerProbe(pl.Callback):
     """Critic weights at each step's start; Adam step counts per group after each step."""
