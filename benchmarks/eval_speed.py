@@ -44,6 +44,9 @@ def timed(name, fn):
 
 
 def build(folder: Path, count: int) -> list[Path]:
+    paths = sorted(folder.glob("lam*.ckpt"))
+    if len(paths) >= count:  # built once (by this checkout) for both runs of --compare
+        return paths[:count]
     import torch
     from omegaconf import OmegaConf
     from torchvision.models import alexnet
@@ -107,7 +110,10 @@ def run_one(args) -> dict:
     torch.set_num_threads(args.threads)
     import onedc.eval.run as run
     import onedc.eval.perceptual as perceptual
-    from onedc.coding.bundle import OneDCCodec
+    try:
+        from onedc.coding.bundle import OneDCCodec
+    except ImportError:  # an older checkout (before the family contract)
+        from onedc.inference import OneDCCodec
     from onedc.datamodules import sample_photo_paths
 
     folder = Path(args.work)
@@ -125,6 +131,8 @@ def run_one(args) -> dict:
                     photo = photo.crop((max(left, 0), max(top, 0), max(left, 0) + min(args.crop, photo.width),
                                         max(top, 0) + min(args.crop, photo.height)))
                 photo.save(images / f"{name}.png")
+    if args.build_only:
+        return {}
     # The split: wrap by name in the modules that call them.
     OneDCCodec.compress_image = timed("coding: onedc compress", OneDCCodec.compress_image)
     OneDCCodec.decompress_bytes = timed("coding: onedc decompress", OneDCCodec.decompress_bytes)
@@ -157,7 +165,7 @@ def run_one(args) -> dict:
         kwargs["anchors"] = args.anchors.split(",")
     start, cpu_start = time.perf_counter(), time.process_time()
     with torch.inference_mode() if args.inference_mode else contextlib.nullcontext():
-        result = run.evaluate(ckpts, images, folder / "out", **kwargs)
+        result = run.evaluate(ckpts, images, folder / f"out-{os.getpid()}", **kwargs)
     total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     return {"total_s": total, "cpu_s": cpu, "rows": len(result.rows), "split_s": dict(TIMES), "calls": dict(CALLS)}
 
@@ -173,6 +181,7 @@ def main() -> None:
     parser.add_argument("--compare", default=None, metavar="ROOT",
                         help="also run the onedc checkout at ROOT (e.g. a worktree of main) first, same work")
     parser.add_argument("--json", default=None, help="write the result(s) here")
+    parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--inference-mode", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.compare is None:
@@ -185,14 +194,20 @@ def main() -> None:
         return
     here = str(Path(__file__).resolve().parents[1])
     results = {}
-    for name, root in (("old", args.compare), ("new", here)):
-        with tempfile.TemporaryDirectory(prefix=f"eval-speed-{name}-") as work:
-            command = [sys.executable, __file__, "--images", str(args.images), "--ckpts", str(args.ckpts),
-                       "--threads", str(args.threads), "--anchors", args.anchors, "--work", work]
-            command += ["--crop", str(args.crop)] if args.crop else []
+    # One work folder: the checkpoints, network files and photos are built once, by this checkout's
+    # code (an older checkout may lack the builders), and both runs evaluate the very same files.
+    with tempfile.TemporaryDirectory(prefix="eval-speed-") as work:
+        command = [sys.executable, __file__, "--images", str(args.images), "--ckpts", str(args.ckpts),
+                   "--threads", str(args.threads), "--anchors", args.anchors, "--work", work]
+        command += ["--crop", str(args.crop)] if args.crop else []
+        subprocess.run(command + ["--build-only"], env=dict(os.environ, PYTHONPATH=here), check=True,
+                       capture_output=True, text=True)
+        for name, root in (("old", args.compare), ("new", here)):
             env = dict(os.environ, PYTHONPATH=root)
-            out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
-            results[name] = json.loads(out.strip().splitlines()[-1])
+            done = subprocess.run(command, env=env, capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"the {name} run failed:\n{done.stderr[-3000:]}")
+            results[name] = json.loads(done.stdout.strip().splitlines()[-1])
             print(f"{name}: {results[name]['total_s']:.1f} s", flush=True)
     print(f"speed-up: {results['old']['total_s'] / results['new']['total_s']:.2f}x "
           f"({args.images} photos x {args.ckpts} checkpoints, {args.threads} threads)")
