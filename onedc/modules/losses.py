@@ -213,7 +213,11 @@ def _lpips_heads(path: Path) -> list[Tensor]:
 def _piq_vgg_lpips(paths: tuple[Path, Path] | None, seed: int) -> nn.Module:
     """piq's ``ContentLoss`` configured as ``piq.LPIPS(replace_pooling=True, reduction="none")`` does, around
     a VGG16 and heads from ``paths`` (or random ones drawn from ``seed``: tests only)."""
-    from piq.perceptual import ContentLoss
+    try:
+        from piq.perceptual import ContentLoss
+    except ImportError as err:
+        raise ConfigError(f"stage.lpips.backbone=vgg needs the piq package ({err}): pip install 'onedc[paper]' "
+                          "(or piq), or use backbone=alex") from err
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -276,7 +280,7 @@ class PerceptualLoss(nn.Module):
             source = None if path is None else f"backbone loaded from {path}"
         name = {"alex": "AlexNet", "vgg": "VGG16, average pooling (piq)"}[backbone]
         if source is None:
-            log.warning("LPIPS with RANDOM backbone (tests only; %s): its values are not LPIPS. "
+            log.warning("LPIPS with RANDOM backbone (tests only), %s: its values are not LPIPS. "
                         "Set stage.lpips.random_backbone=false and give its weights for real training", name)
         else:
             log.info("LPIPS (%s) %s", name, source)
