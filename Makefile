@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # This pair lies on local disk on the CI machines; on your GPU box override it, e.g.
 #   make setup TORCH_SPEC="torch torchvision"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= test,samples,deepspeed,data,anchors
+EXTRAS ?= test,samples,deepspeed,data,anchors,paper
 STAMP  := $(VENV)/.onedc-installed
 ARGS   ?=
 
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # The tiny preset fine-tunes without LPIPS (its AlexNet weights cannot ship offline; see
-# configs/model/tiny.yaml). With the file: ARGS="stage.finetune.lpips_weight=0.625 stage.finetune.lpips.backbone=/path"
+# configs/model/tiny.yaml). With the file: ARGS="stage.finetune.lpips_weight=0.625 stage.finetune.lpips.weights=/path"
 train: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python train.py stage=all $(ARGS)
 

@@ -19,11 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from onedc.errors import WeightsError
-from onedc.modules.losses import ALEXNET_FILE
+from onedc.modules.losses import ALEXNET_FILE, VGG16_FILE
 from onedc.modules.weights import find_weight_file
 
 FID_PATCH = 256
-VGG16_FILE = "vgg16-397923af.pth"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHT_URLS = {
     ALEXNET_FILE: f"https://download.pytorch.org/models/{ALEXNET_FILE}",

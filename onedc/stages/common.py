@@ -21,18 +21,18 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
 from onedc.coding.checkpoints import CHECKPOINT_FORMAT
-from onedc.errors import CheckpointError
+from onedc.errors import CheckpointError, ConfigError
 from onedc.families import CodecPass, ModelFamily
 
-__all__ = ["CHECKPOINT_FORMAT", "ModelIdentity", "OptimizerSpec", "StageModule", "batch_captions", "batch_images",
-           "estimated_bpp", "freeze", "frozen_parts", "quadratic_ramp", "tensors_hash"]
+__all__ = ["CHECKPOINT_FORMAT", "ModelIdentity", "OptimizerSpec", "StageModule", "WARMUP_STARTS", "batch_captions",
+           "batch_images", "estimated_bpp", "freeze", "frozen_parts", "quadratic_ramp", "tensors_hash", "warmup_factor"]
 
 
 def batch_images(batch: Tensor | dict[str, Any]) -> Tensor:
@@ -52,23 +52,56 @@ def estimated_bpp(family: ModelFamily, codec: nn.Module, out: CodecPass, num_pix
     return family.rate_bits(codec, out) / num_pixels
 
 
+WARMUP_STARTS = ("first", "zero")
+
+
+def warmup_factor(step: int, warmup_steps: int, start: str = "first") -> float:
+    """The lr multiplier at optimiser step ``step`` (0-based) of a linear warm-up, then constant.
+
+    ``start="first"`` (onedc's): ``min(1, (step + 1) / warmup_steps)``, so the first update already
+    uses 1/warmup_steps of the lr and step ``warmup_steps − 1`` the full lr. ``start="zero"``:
+    ``min(1, step / warmup_steps)``, diffusers' ``get_scheduler("constant_with_warmup")`` (the
+    authors' schedule, docs/reference-model.md §10.1), whose step 0 has lr 0 (an AdamW step that
+    moves nothing, weight decay included, but fills the moment estimates) and whose full lr
+    comes at step ``warmup_steps``. ``warmup_steps`` ≤ 0: 1 everywhere.
+    """
+    if start not in WARMUP_STARTS:
+        raise ValueError(f"warm-up start must be one of {', '.join(WARMUP_STARTS)}, got {start!r}")
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + (1 if start == "first" else 0)) / warmup_steps)
+
+
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """AdamW with linear warm-up (the reference recipe: betas (0.9, 0.999), wd 0.01)."""
+    """AdamW with linear warm-up (the reference recipe: betas (0.9, 0.999), wd 0.01).
+
+    ``warmup_start``: ``first`` (onedc's, lr/warmup_steps at step 0) or ``zero`` (diffusers'
+    ``constant_with_warmup``: lr 0 at step 0); see :func:`warmup_factor`.
+    """
 
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
     warmup_steps: int = 0
+    warmup_start: str = "first"
+
+    def __post_init__(self) -> None:
+        if self.warmup_start not in WARMUP_STARTS:
+            raise ConfigError(f"warmup_start must be one of {', '.join(WARMUP_STARTS)}, got {self.warmup_start!r}")
 
     def build(self, params: Iterable[nn.Parameter] | Iterable[dict]) -> torch.optim.Optimizer:
         """An AdamW over ``params`` (tensors or parameter-group dicts)."""
         return torch.optim.AdamW(params, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay)
 
+    def lr_lambda(self) -> Callable[[int], float]:
+        """The per-step lr multiplier of this spec (for a ``LambdaLR`` with one lambda per parameter group)."""
+        warmup, start = int(self.warmup_steps), self.warmup_start
+        return lambda step: warmup_factor(step, warmup, start)
+
     def scheduler(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Lightning scheduler dict: linear warm-up over ``warmup_steps`` optimiser steps, then flat."""
-        warmup = max(1, int(self.warmup_steps))
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_lambda())
         return {"scheduler": schedule, "interval": "step", "frequency": 1}
 
 

@@ -14,6 +14,14 @@ published OneDC has no light head and trains codec and generator together (docs/
 §10.1, its stages 1 and 2 fused): its family ``distills_with_generator``, and its checkpoint
 decodes through the generator.
 
+The pixel loss of the paper's stage I (§10.1; off unless ``pixel_weight`` or ``lpips_weight`` is
+set): v̂ is decoded by the frozen VAE with gradients flowing back through its decoder (optionally
+with diffusers' gradient checkpointing), and::
+
+    loss += w_px·L1(x̂₀₁, x₀₁) + w_lp·LPIPS(x̂₀₁, x₀₁),   x₀₁ = x·0.5 + 0.5
+
+The recipe's loss is λ(t)·R + L_distill + L1 + LPIPS (``latent_weight`` 0, ``experiment=onedc_paper``).
+
 The teacher is frozen and deliberately *not* a submodule: it is never in ``state_dict``, the
 optimiser, or the DDP/DeepSpeed wrapper; it is moved to the stage's device on use.
 """
@@ -27,6 +35,7 @@ from torch import Tensor, nn
 
 from onedc.modules.distill import SemanticDistillLoss
 from onedc.modules.generator import OneStepGenerator
+from onedc.modules.losses import PerceptualLoss
 from onedc.modules.teachers import Teacher
 from onedc.modules.vae import FrozenVAE
 from onedc.families import ModelFamily
@@ -39,9 +48,15 @@ class DistillStage(StageModule):
     ``generator`` (optional): a one-step generator trained jointly, whose output is v̂ (see the
     module docstring); its trainable parameters (under LoRA: adapter, conv_in, x_t head) join
     the optimiser. Without it v̂ is the codec's light reconstruction ``latent_hat``.
+
+    ``pixel_weight``, ``lpips_weight``: weights of the pixel loss on the decoded v̂ (module
+    docstring); 0 and 0 (default) decode nothing. ``perceptual``: the LPIPS, given exactly when
+    ``lpips_weight`` > 0, held outside the ``state_dict`` like the teacher.
+    ``vae_gradient_checkpointing``: recompute the VAE decoder's activations in backward (diffusers'
+    ``enable_gradient_checkpointing``); only used when the pixel loss is on.
     """
 
-    summary_keys = ("bpp", "token_acc", "majority_acc", "distill_ce", "latent_mse")
+    summary_keys = ("bpp", "token_acc", "majority_acc", "distill_ce", "latent_mse", "pixel_l1", "lpips")
 
     def __init__(
         self,
@@ -60,8 +75,16 @@ class DistillStage(StageModule):
         distill_weight: float = 1.0,
         latent_weight: float = 1.0,
         generator: OneStepGenerator | None = None,
+        pixel_weight: float = 0.0,
+        lpips_weight: float = 0.0,
+        perceptual: PerceptualLoss | None = None,
+        vae_gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__(identity, family)
+        if pixel_weight < 0 or lpips_weight < 0:
+            raise ValueError(f"pixel_weight and lpips_weight must be >= 0, got {pixel_weight} and {lpips_weight}")
+        if (perceptual is None) != (lpips_weight == 0):
+            raise ValueError("give a PerceptualLoss exactly when lpips_weight > 0")
         self.vae = vae
         self.codec = codec
         for part in family.idle_parts(codec, "distill", trains_generator=generator is not None):
@@ -80,7 +103,16 @@ class DistillStage(StageModule):
         quadratic_ramp(0, lmbda, lmbda_warmup_steps, self.lmbda_start, self.lmbda_step0)  # a bad step0 fails here
         self.distill_weight = distill_weight
         self.latent_weight = latent_weight
+        self.pixel_weight, self.lpips_weight = float(pixel_weight), float(lpips_weight)
+        self.__dict__["perceptual"] = perceptual  # a loss, not model state (PerceptualLoss docstring)
+        if self.decodes_pixels and vae_gradient_checkpointing:
+            vae.autoencoder.enable_gradient_checkpointing()
         self._val_code_counts: Tensor | None = None
+
+    @property
+    def decodes_pixels(self) -> bool:
+        """Whether a step decodes v̂ to pixels (the pixel loss is on)."""
+        return self.pixel_weight > 0 or self.lpips_weight > 0
 
     # ------------------------------------------------------------------ helpers
     def current_lambda(self) -> float:
@@ -107,9 +139,18 @@ class DistillStage(StageModule):
         lam = self.current_lambda()
         loss = lam * bpp + self.distill_weight * distill.loss + self.latent_weight * latent_mse
         metrics = {
-            "loss": loss, "bpp": bpp, "distill": distill.loss, "distill_ce": distill.ce,
+            "bpp": bpp, "distill": distill.loss, "distill_ce": distill.ce,
             "distill_mse": distill.mse, "token_acc": distill.accuracy, "latent_mse": latent_mse,
         }
+        if self.decodes_pixels:
+            x_hat = self.vae.decode(latent)  # the frozen decoder, with gradients back to v̂
+            metrics["pixel_l1"] = F.l1_loss(x_hat * 0.5 + 0.5, x.float() * 0.5 + 0.5)
+            loss = loss + self.pixel_weight * metrics["pixel_l1"]
+            perceptual = self.__dict__["perceptual"]
+            if perceptual is not None:
+                metrics["lpips"] = perceptual.to(self.device)(x_hat, x).mean()
+                loss = loss + self.lpips_weight * metrics["lpips"]
+        metrics = {"loss": loss, **metrics}
         if targets.indices is not None:
             metrics["_indices"] = targets.indices
         return metrics

@@ -80,10 +80,6 @@ def split_batch(batch: Any) -> tuple[Tensor, list[str] | None]:
     raise ValueError(f"a batch must be an image tensor or a dict with 'image' (and 'caption'), got {type(batch).__name__}")
 
 
-def _warmup(steps: int):
-    return lambda step: min(1.0, (step + 1) / max(1, steps))
-
-
 def _base_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimizer under Lightning's and DeepSpeed's wrappers (whose param groups are shared)."""
     optimizer = getattr(optimizer, "_optimizer", optimizer)
@@ -324,7 +320,7 @@ class DMDStage(LatentStage):
                   {"params": guid, "name": GUIDANCE_GROUP, "lr": gspec.lr, "betas": tuple(gspec.betas),
                    "weight_decay": gspec.weight_decay}]
         optimizer = spec.build(groups)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [_warmup(spec.warmup_steps), _warmup(gspec.warmup_steps)])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [spec.lr_lambda(), gspec.lr_lambda()])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:

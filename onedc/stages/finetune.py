@@ -72,10 +72,6 @@ def _base_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
-def _warmup(steps: int):
-    return lambda step: min(1.0, (step + 1) / max(1, steps))
-
-
 def _gated_warmup(start: int, steps: int):
     return lambda step: 0.0 if step < start else min(1.0, (step - start + 1) / max(1, steps))
 
@@ -276,7 +272,7 @@ class FinetuneStage(LatentStage):
         spec, dspec = self.optimizer_spec, self.disc_optimizer_spec
         groups: list[dict[str, Any]] = [{"params": gen, "name": GENERATOR_GROUP, "lr": spec.lr, "betas": tuple(spec.betas),
                                          "weight_decay": spec.weight_decay}]
-        lambdas = [_warmup(spec.warmup_steps)]
+        lambdas = [spec.lr_lambda()]
         if disc:
             groups.append({"params": disc, "name": DISCRIMINATOR_GROUP, "lr": dspec.lr, "betas": tuple(dspec.betas),
                            "weight_decay": dspec.weight_decay})

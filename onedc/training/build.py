@@ -101,15 +101,23 @@ def build_datamodule(data_cfg: DictConfig, seed: int = 0):
         return SourceDataModule(cfg.pop("source"), seed=seed, **cfg)
     from onedc.datamodules import ImageFolderDataModule
 
+    cfg.pop("protocol", None)
+    if str(cfg.pop("crop_protocol", "plain")) != "plain":
+        raise ConfigError(f"data={data_cfg.get('name')} (ImageFolderDataModule) has no per-batch crop protocol: read the "
+                          "folder with data=captioned_folder data.root=DIR (the source loader, which has it), or set "
+                          "data.crop_protocol=plain")
     return ImageFolderDataModule(cfg.pop("root"), seed=seed, **cfg)
 
 
-def optimizer_spec(stage_cfg: DictConfig):
-    """The stage's ``OptimizerSpec`` (AdamW + linear warm-up)."""
+def optimizer_spec(stage_cfg: DictConfig, prefix: str = ""):
+    """The stage's ``OptimizerSpec`` (AdamW + linear warm-up) from ``{prefix}lr``, ``{prefix}betas``, ... and
+    ``warmup_start`` (one for all of a stage's groups: ``first`` | ``zero``, see :func:`onedc.stages.common.warmup_factor`)."""
     from onedc.stages.common import OptimizerSpec
 
-    return OptimizerSpec(lr=float(stage_cfg.lr), betas=tuple(stage_cfg.betas), weight_decay=float(stage_cfg.weight_decay),
-                         warmup_steps=int(stage_cfg.warmup_steps))
+    return OptimizerSpec(lr=float(stage_cfg[f"{prefix}lr"]), betas=tuple(stage_cfg[f"{prefix}betas"]),
+                         weight_decay=float(stage_cfg[f"{prefix}weight_decay"]),
+                         warmup_steps=int(stage_cfg[f"{prefix}warmup_steps"]),
+                         warmup_start=str(stage_cfg.get("warmup_start", "first")))
 
 
 def identity(cfg: DictConfig, stage_cfg: DictConfig, teacher=None, vae=None):
@@ -142,12 +150,16 @@ def _build_distill(cfg: DictConfig, stage_cfg: DictConfig):
         codec, generator = codec_from_config(cfg.model, vae.latent_channels), None
     teacher = teacher_from_config(cfg.tokenizer)
     distill = build_distill_loss(cfg.tokenizer, cfg.model, teacher, in_channels=model_family.semantic_width(codec))
+    lpips_weight = float(stage_cfg.get("lpips_weight", 0.0))
+    perceptual = build_perceptual_loss(stage_cfg.lpips) if lpips_weight > 0 else None
     return DistillStage(
         family=model_family, vae=vae, codec=codec, teacher=teacher, distill=distill, optimizer=optimizer_spec(stage_cfg),
         identity=identity(cfg, stage_cfg, teacher, vae), lmbda=float(stage_cfg.lmbda),
         lmbda_warmup_steps=int(stage_cfg.lmbda_warmup_steps), lmbda_start=float(stage_cfg.get("lmbda_start", 0.0)),
         lmbda_step0=str(stage_cfg.get("lmbda_step0", "ramp")), distill_weight=float(stage_cfg.distill_weight),
         latent_weight=float(stage_cfg.latent_weight), generator=generator,
+        pixel_weight=float(stage_cfg.get("pixel_weight", 0.0)), lpips_weight=lpips_weight, perceptual=perceptual,
+        vae_gradient_checkpointing=bool(stage_cfg.get("vae_gradient_checkpointing", False)),
     )
 
 
@@ -199,12 +211,13 @@ def build_discriminator(disc_cfg: DictConfig | dict, latent_channels: int):
 
 
 def build_perceptual_loss(lpips_cfg: DictConfig | dict):
-    """LPIPS of ``stage.lpips`` (AlexNet backbone from a local file; WeightsError with the path when missing)."""
+    """LPIPS of ``stage.lpips``: ``backbone`` alex | vgg (piq's, average pooling), its weights from local files
+    (``weights``: a file or dir; null = torch hub's cache); WeightsError with the paths when missing."""
     from onedc.modules.losses import PerceptualLoss
 
     cfg = _plain(lpips_cfg)
-    return PerceptualLoss(cfg.get("backbone"), random_backbone=bool(cfg.get("random_backbone", False)),
-                          seed=int(cfg.get("seed", 0)))
+    return PerceptualLoss(cfg.get("weights"), backbone=str(cfg.get("backbone") or "alex"),
+                          random_backbone=bool(cfg.get("random_backbone", False)), seed=int(cfg.get("seed", 0)))
 
 
 def _build_finetune(cfg: DictConfig, stage_cfg: DictConfig):
@@ -273,7 +286,6 @@ def text_encoder_from_config(guidance_cfg: DictConfig | dict):
 
 def _build_dmd(cfg: DictConfig, stage_cfg: DictConfig):
     """Stage II of the paper (DMD2): the generator stage's modules, the guidance model and the text encoder."""
-    from onedc.stages.common import OptimizerSpec
     from onedc.stages.dmd import DMDStage
 
     lpips_weight = float(stage_cfg.lpips_weight)
@@ -287,9 +299,7 @@ def _build_dmd(cfg: DictConfig, stage_cfg: DictConfig):
     if text.width != int(guidance.fake_unet.config.cross_attention_dim):
         raise ConfigError(f"the text encoder gives {text.width}-d embeddings but guidance.unet.cross_attention_dim="
                           f"{guidance.fake_unet.config.cross_attention_dim}: they must be equal")
-    guidance_optimizer = OptimizerSpec(lr=float(stage_cfg.guidance_lr), betas=tuple(stage_cfg.guidance_betas),
-                                       weight_decay=float(stage_cfg.guidance_weight_decay),
-                                       warmup_steps=int(stage_cfg.guidance_warmup_steps))
+    guidance_optimizer = optimizer_spec(stage_cfg, "guidance_")
     ema = stage_cfg.get("ema_decay")
     images = stage_cfg.get("image_every_n_steps")
     return DMDStage(

@@ -19,7 +19,8 @@ def test_every_option_composes(group):
         # composing never reads the data paths, so placeholders will do
         required = {"folder": ["data.root=/data/images"], "hf": ["data.path=/data/hf"],
                     "commoncatalog": ["data.path=/data/commoncatalog"], "streaming": ["data.path=/data/mds"],
-                    "webdataset": ["data.shards=/data/shards/a.tar"], "captioned_folder": ["data.root=/data/images"]}
+                    "webdataset": ["data.shards=/data/shards/a.tar"], "captioned_folder": ["data.root=/data/images"],
+                    "onedc_paper": ["data.path=/data/commoncatalog"]}
         overrides = [f"{group}={option}"] + required.get(option, [])
         cfg = compose(overrides)
         # experiments and ladder presets are @package _global_: they change other nodes, they have none of their own

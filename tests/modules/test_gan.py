@@ -157,7 +157,7 @@ def test_missing_alexnet_weights_say_which_file_goes_where(tmp_path):
         PerceptualLoss(tmp_path)
     message = str(err.value)
     assert ALEXNET_FILE in message and str(tmp_path / ALEXNET_FILE) in message
-    assert "stage.lpips.backbone" in message
+    assert "stage.lpips.weights" in message
     # null = torch hub's cache (TORCH_HOME points at a temp dir in the tests)
     with pytest.raises(WeightsError, match=str(torch.hub.get_dir())):
         alexnet_weights_path(None)
