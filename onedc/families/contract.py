@@ -28,8 +28,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
+from onedc.coding.checkpoints import register_frozen_loader
 from onedc.errors import CheckpointError, ConfigError
 from onedc.modules.streams import DecodedLatents
 
@@ -245,3 +247,26 @@ def load_part(name: str, module: nn.Module, weights: dict[str, Tensor], source: 
         raise CheckpointError(
             f"{source}: the {name} weights do not match its config: "
             f"missing {shown(missing) or 'none'}; unexpected {shown(list(unexpected)) or 'none'}")
+
+
+# --------------------------------------------------------------------------- frozen parts of trainable-only checkpoints
+def pretrained_part(part: str, model_config: Mapping[str, Any], location: str) -> dict[str, Tensor]:
+    """The prefixed state dict of ``part`` (``vae`` or ``generator``) built by the model's family from the
+    pretrained source ``location``, as the stage that wrote the checkpoint built it (its seed drawn in a
+    forked RNG, so reading a checkpoint leaves the caller's random state alone).
+
+    What :func:`onedc.coding.checkpoints.fill_frozen` calls for a part recorded as
+    ``model.vae.pretrained:LOCATION`` or ``model.generator.pretrained:LOCATION``.
+    """
+    config = copy.deepcopy(dict(model_config))
+    config[part] = dict(config.get(part) or {}, pretrained=location)
+    family = family_of(config)
+    build = {"vae": family.build_vae, "generator": family.build_generator}[part]
+    with torch.random.fork_rng(devices=[]):
+        module = build(config)
+    return {f"{part}.{key}": value for key, value in module.state_dict().items()}
+
+
+for _part in ("vae", "generator"):
+    register_frozen_loader(f"model.{_part}.pretrained",
+                           lambda config, location, part=_part: pretrained_part(part, config, location))
