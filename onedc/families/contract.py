@@ -201,7 +201,8 @@ def generator_settings(model_config: Mapping[str, Any]) -> dict[str, Any]:
 def weights_only_config(model_config: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of a checkpoint's model config that builds without the machine it trained on.
 
-    The checkpoint holds all the weights, so a ``pretrained`` dir only supplies the architecture:
+    The state dict holds all the weights (a trainable-only checkpoint's frozen parts were read back
+    by :func:`onedc.coding.checkpoints.fill_frozen`), so a ``pretrained`` dir only supplies the architecture:
     it is used where present (its layout is certain to match), and dropped where it is not on
     this machine but an architecture config exists (``vae.config``, ``generator.unet``).
     """
