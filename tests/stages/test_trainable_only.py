@@ -205,3 +205,31 @@ def test_the_published_family_resumes_from_trainable_only(imported, tmp_path):
     resumed = pipeline.run(reference_cfg(LATENT + steps + ["trainer.max_steps=4"], tmp_path / "b", imported))[0]
     _same(read_full_checkpoint(whole.final_ckpt)["state_dict"], read_full_checkpoint(resumed.final_ckpt)["state_dict"])
     OneDCCodec.from_checkpoint(resumed.final_ckpt)
+
+
+def test_a_pretrained_unet_under_lora_is_read_back_from_its_file(tiny_chain, tmp_path):
+    """model.generator.pretrained (a UNet state-dict file) with LoRA: the frozen UNet base is named by the file,
+    left out of final.ckpt, rebuilt from it by the family on reading (equal to a whole run's weights), and a file
+    overwritten with other weights is refused with one line."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    unet_file = tmp_path / "unet.safetensors"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        unet = UNet2DConditionModel(**dict(compose(["model=tiny"]).model.generator.unet))
+    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(unet_file))
+    overrides = STAGES["latent"] + [f"init_from={tiny_chain['distill']}", "model.generator.init=null",
+                                    f"model.generator.pretrained={unet_file}",
+                                    "model.generator.lora={rank: 4, alpha: 4, target_modules: [to_q, to_k, to_v]}"]
+    whole = _run(overrides + ["trainer.trainable_only_checkpoints=false"], tmp_path / "w", 2).final_ckpt
+    slim = _run(overrides, tmp_path / "s", 2).final_ckpt
+    frozen = _load(slim)["onedc"]["frozen"]
+    assert frozen["generator"]["source"] == f"model.generator.pretrained:{unet_file.resolve()}"
+    assert any(".base_layer." in k for k in frozen["generator"]["keys"])
+    assert not any(".base_layer." in k for k in _load(slim)["state_dict"])
+    _same(_load(whole)["state_dict"], read_full_checkpoint(slim)["state_dict"])
+    save_file({k: v.contiguous() + 0.01 for k, v in unet.state_dict().items()}, str(unet_file))
+    with pytest.raises(CheckpointError) as err:
+        OneDCCodec.from_checkpoint(slim)
+    assert "\n" not in str(err.value) and "'generator.'" in str(err.value) and str(unet_file.resolve()) in str(err.value)
