@@ -154,19 +154,22 @@ def source_identity(source: str) -> dict[str, Any]:
 
 
 def _changed_file(info: Mapping[str, Any], location: str) -> str:
-    """' (the file itself changed: sha256 a -> b)' when the record has the source file's sha256 and it differs."""
+    """'; the file itself changed (sha256 a then, b now)' when the record has the source file's sha256 and it differs."""
     recorded = (info.get("source_file") or {}).get("sha256")
     now = source_identity(f"x:{location}").get("sha256")
-    return f"; the file itself changed (sha256 {recorded[:12]} then, {now[:12]} now)" if recorded and now and recorded != now else ""
+    if recorded and now and recorded != now:
+        return f"; the file itself changed (sha256 {recorded[:12]} then, {now[:12]} now)"
+    return ""
 
 
 def fill_frozen(checkpoint: dict[str, Any], path: str | Path, parts: Iterable[str] | None = None,
                 _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Put the frozen parts a trainable-only checkpoint left out back into its ``state_dict`` (in place).
 
-    ``parts`` limits it to those top-level parts (default: all). Parts that are present (a whole checkpoint, a DeepSpeed folder) are left alone; training-only
-    parts (``guidance.*`` sources) are left out. CheckpointError (one line) for a missing source, a
-    source with other weights, or a loop of ``init_from`` files.
+    ``parts`` limits it to those top-level parts (default: all). Parts that are present (a whole
+    checkpoint, a DeepSpeed folder) are left alone; training-only parts (``guidance.*`` sources) are
+    left out. CheckpointError (one line) for a missing source, a source with other weights, or a
+    loop of ``init_from`` files.
     """
     path = Path(path)
     meta = checkpoint.get("onedc") if isinstance(checkpoint, dict) else None

@@ -231,7 +231,7 @@ class StageModule(pl.LightningModule):
                 raise CheckpointError(
                     f"{path} stores only trained weights and names its frozen part '{part}.' by identity "
                     f"({want['count']} tensors, hash {want['hash'][:12]}, from {want['source']}), but this run built "
-                    f"{found}: give the same source (init_from file, pretrained dirs, seeds) it was trained with")
+                    f"{found}: give the source it was trained with (the init_from file, pretrained dir or file)")
         params = dict(self.named_parameters())
         for part in recorded:
             for key in mine[part]["keys"]:
