@@ -110,8 +110,10 @@ class OneDCCodec(nn.Module):
         The reader is chosen by suffix from :data:`CHECKPOINT_READERS` (``.ckpt``: a stage
         checkpoint with its ``onedc`` metadata); folders and unknown suffixes are read as stage
         checkpoints. The VAE, codec and (if the checkpoint has one) generator are rebuilt from
-        the stored model config and loaded strictly; training-only weights are ignored. Any
-        problem raises :class:`~onedc.errors.CheckpointError` naming the file. ``decode_options``
+        the stored model config and loaded strictly; training-only weights are ignored. A
+        trainable-only checkpoint's frozen parts are read back from their sources first
+        (:func:`onedc.coding.checkpoints.fill_frozen`). Any problem raises
+        :class:`~onedc.errors.CheckpointError` naming the file. ``decode_options``
         (default: LoRA merged, SDPA, channels-last, fp32, VAE tiles within 4 GiB) are applied by
         :meth:`prepare_decoding`; ``None`` keeps the modules as built.
         """

@@ -3,7 +3,9 @@
 The file holds only what decoding and encoding need, the ``vae.``, ``codec.`` and ``generator.``
 tensors (the codec's rANS tables included), with the model config as JSON in the safetensors
 metadata. No teacher, predictor head, discriminator, optimiser state or EMA copy: it is the
-file to ship. :class:`onedc.coding.bundle.OneDCCodec` loads it like a checkpoint (by suffix; the reader is
+file to ship. It is self-contained: a trainable-only checkpoint's frozen parts (the VAE, a frozen
+codec, the UNet base under LoRA) are read back from their sources first, so the exported file
+decodes on a machine that has none of them. :class:`onedc.coding.bundle.OneDCCodec` loads it like a checkpoint (by suffix; the reader is
 :func:`onedc.coding.checkpoints.read_exported`).
 """
 from __future__ import annotations

@@ -28,8 +28,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
+from onedc.coding.checkpoints import register_frozen_loader
 from onedc.errors import CheckpointError, ConfigError
 from onedc.modules.streams import DecodedLatents
 
@@ -199,7 +201,8 @@ def generator_settings(model_config: Mapping[str, Any]) -> dict[str, Any]:
 def weights_only_config(model_config: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of a checkpoint's model config that builds without the machine it trained on.
 
-    The checkpoint holds all the weights, so a ``pretrained`` dir only supplies the architecture:
+    The state dict holds all the weights (a trainable-only checkpoint's frozen parts were read back
+    by :func:`onedc.coding.checkpoints.fill_frozen`), so a ``pretrained`` dir only supplies the architecture:
     it is used where present (its layout is certain to match), and dropped where it is not on
     this machine but an architecture config exists (``vae.config``, ``generator.unet``).
     """
@@ -245,3 +248,26 @@ def load_part(name: str, module: nn.Module, weights: dict[str, Tensor], source: 
         raise CheckpointError(
             f"{source}: the {name} weights do not match its config: "
             f"missing {shown(missing) or 'none'}; unexpected {shown(list(unexpected)) or 'none'}")
+
+
+# --------------------------------------------------------------------------- frozen parts of trainable-only checkpoints
+def pretrained_part(part: str, model_config: Mapping[str, Any], location: str) -> dict[str, Tensor]:
+    """The prefixed state dict of ``part`` (``vae`` or ``generator``) built by the model's family from the
+    pretrained source ``location``, as the stage that wrote the checkpoint built it (its seed drawn in a
+    forked RNG, so reading a checkpoint leaves the caller's random state alone).
+
+    What :func:`onedc.coding.checkpoints.fill_frozen` calls for a part recorded as
+    ``model.vae.pretrained:LOCATION`` or ``model.generator.pretrained:LOCATION``.
+    """
+    config = copy.deepcopy(dict(model_config))
+    config[part] = dict(config.get(part) or {}, pretrained=location)
+    family = family_of(config)
+    build = {"vae": family.build_vae, "generator": family.build_generator}[part]
+    with torch.random.fork_rng(devices=[]):
+        module = build(config)
+    return {f"{part}.{key}": value for key, value in module.state_dict().items()}
+
+
+for _part in ("vae", "generator"):
+    register_frozen_loader(f"model.{_part}.pretrained",
+                           lambda config, location, part=_part: pretrained_part(part, config, location))

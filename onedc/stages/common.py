@@ -4,7 +4,7 @@ A stage is a ``LightningModule`` that receives *built* modules (dependency injec
 :class:`OptimizerSpec`; it never reads a config. Submodule names are a contract with the rest
 of onedc (inference, export, the next stage's ``init_from``):
 
-``vae``        the frozen VAE (saved so that a checkpoint is self-contained)
+``vae``        the frozen VAE (saved unless a file holds it: trainable-only checkpoints below)
 ``codec``      the codec of the model's family (:mod:`onedc.families`)
 ``generator``  the ``OneStepGenerator`` (stages 2-3; ``ReferenceGenerator`` is one)
 ``distill``    the training-only semantic predictor head (stage 1)
@@ -18,7 +18,7 @@ the codec's rANS tables are model state. No stage asks which family it trains.
 """
 from __future__ import annotations
 
-import hashlib
+import copy
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -27,7 +27,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from onedc.coding.checkpoints import CHECKPOINT_FORMAT
+from onedc.coding.checkpoints import CHECKPOINT_FORMAT, source_identity, tensors_hash
 from onedc.errors import CheckpointError, ConfigError
 from onedc.families import CodecPass, ModelFamily
 
@@ -128,16 +128,6 @@ def frozen_parts(module: nn.Module) -> dict[str, list[str]]:
     return {part: sorted(keys) for part, keys in sorted(parts.items())}
 
 
-def tensors_hash(named: Iterable[tuple[str, Tensor]]) -> str:
-    """sha256 over (name, dtype, shape, bytes) of each tensor, in the given order: a weights identity."""
-    digest = hashlib.sha256()
-    for name, tensor in named:
-        value = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
-        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
-    return digest.hexdigest()
-
-
 def freeze(module: nn.Module) -> nn.Module:
     """Freeze a module explicitly: eval mode and no gradients (kept out of optimisers)."""
     module.eval()
@@ -175,9 +165,10 @@ class StageModule(pl.LightningModule):
         self.identity = identity
         self.family = family
         self.val_history: list[dict[str, float]] = []
-        # Trainable-only training checkpoints (set by the pipeline from trainer.trainable_only_checkpoints):
-        # frozen parameters are left out and named by identity, their sources per part ("init_from:PATH"
-        # or "config": rebuilt from the model config, e.g. a seed or a pretrained dir).
+        # Trainable-only checkpoints (set by the pipeline from trainer.trainable_only_checkpoints, the default):
+        # the frozen parameters of every part that has a file source (frozen_sources: part -> "KIND:LOCATION",
+        # e.g. "init_from:/abs/final.ckpt", "model.vae.pretrained:asset:tiny_vae") are left out of every
+        # checkpoint and named by identity; parts drawn from a seed have no source and stay in the file.
         self.trainable_only = False
         self.frozen_sources: dict[str, str] = {}
         self._frozen_identity: dict[str, dict[str, Any]] | None = None
@@ -231,25 +222,31 @@ class StageModule(pl.LightningModule):
             "model": self.identity.model,
             "tokenizer": self.identity.tokenizer,
         }
-        # A training checkpoint (optimizer state present; final.ckpt is weights-only and stays whole,
-        # as inference, export and the next stage read it) keeps only what trains.
-        if self.trainable_only and "optimizer_states" in checkpoint and "state_dict" in checkpoint:
+        # Every checkpoint (last/step/best with optimizer state, and the weights-only final.ckpt) leaves out the
+        # frozen parts a file holds; readers put them back (onedc.coding.checkpoints.fill_frozen).
+        if self.trainable_only and "state_dict" in checkpoint:
             identity = self.frozen_identity()
             state = checkpoint["state_dict"]
             for part in identity.values():
                 for key in part["keys"]:
                     state.pop(key, None)
-            checkpoint["onedc"]["frozen"] = {name: {k: v for k, v in part.items() if k != "keys"}
-                                             for name, part in identity.items()}
+            if identity:
+                checkpoint["onedc"]["frozen"] = copy.deepcopy(identity)
+
+    def set_frozen_sources(self, sources: dict[str, str]) -> None:
+        """Name the file source of each frozen part (part -> ``KIND:LOCATION``); parts without one stay in checkpoints."""
+        self.frozen_sources = dict(sources)
+        self._frozen_identity = None
 
     def frozen_identity(self) -> dict[str, dict[str, Any]]:
-        """Part -> {keys, count, hash, source} of the frozen parameters (computed once: they never change)."""
+        """Part -> {keys, count, hash, source, source_file} of the frozen parameters of every part with a
+        file source (computed once: they never change)."""
         if self._frozen_identity is None:
             params = dict(self.named_parameters())
             self._frozen_identity = {
                 part: {"keys": keys, "count": len(keys), "hash": tensors_hash((k, params[k]) for k in keys),
-                       "source": self.frozen_sources.get(part, "config")}
-                for part, keys in frozen_parts(self).items()}
+                       "source": self.frozen_sources[part], "source_file": source_identity(self.frozen_sources[part])}
+                for part, keys in frozen_parts(self).items() if part in self.frozen_sources}
         return self._frozen_identity
 
     def restore_frozen(self, checkpoint: dict[str, Any], path: str = "the checkpoint") -> None:
@@ -267,7 +264,7 @@ class StageModule(pl.LightningModule):
                 raise CheckpointError(
                     f"{path} stores only trained weights and names its frozen part '{part}.' by identity "
                     f"({want['count']} tensors, hash {want['hash'][:12]}, from {want['source']}), but this run built "
-                    f"{found}: give the same source (init_from file, pretrained dirs, seeds) it was trained with")
+                    f"{found}: give the source it was trained with (the init_from file, pretrained dir or file)")
         params = dict(self.named_parameters())
         for part in recorded:
             for key in mine[part]["keys"]:

@@ -3,10 +3,14 @@
 Run-dir layout (deterministic, so every DDP rank and every re-run agree)::
 
     <run_dir>/<stage>/config.yaml           the fully resolved config of this stage
-    <run_dir>/<stage>/checkpoints/last.ckpt  full training state (resume=auto picks it up)
+    <run_dir>/<stage>/checkpoints/last.ckpt  training state (resume=auto picks it up)
     <run_dir>/<stage>/checkpoints/step=*.ckpt the two newest periodic checkpoints (fallbacks)
     <run_dir>/<stage>/checkpoints/best.ckpt  best validation loss
     <run_dir>/<stage>/final.ckpt             weights at the end (EMA where the stage has one)
+
+Every checkpoint is trainable-only by default (``trainer.trainable_only_checkpoints``): the frozen
+parts a file holds (the ``init_from`` file, pretrained VAE/UNet files, shipped assets) are named by
+identity and read back from there (:func:`onedc.coding.checkpoints.fill_frozen`).
     <run_dir>/<stage>/DONE.json              completion marker: a finished stage is skipped
     <run_dir>/<stage>/val_history.json       validation metrics per run (step 0 = before training)
     <run_dir>/<stage>/tb/                    TensorBoard events
@@ -29,7 +33,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from onedc.coding.checkpoints import read_checkpoint
+from onedc.coding.checkpoints import read_checkpoint, read_full_checkpoint
 from onedc.errors import CheckpointError, ConfigError
 from onedc.io import atomic_write_text
 from onedc.training.config import to_dict
@@ -125,7 +129,7 @@ def load_init_weights(module: torch.nn.Module, path: str | Path, cfg: DictConfig
     if prefixes is None:
         prefixes = family.init_prefixes(to_dict(cfg.model))
     path = Path(path)
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_full_checkpoint(path)  # a trainable-only file's frozen parts read back from their sources
     check_identity(checkpoint, cfg, path, compare_tokenizer=False)
     recorded = (checkpoint["onedc"]["model"].get("vae") or {}).get("identity")
     built = getattr(getattr(module, "vae", None), "identity", "")
@@ -298,12 +302,10 @@ def run_stage(cfg: DictConfig, stage_cfg: DictConfig, init_from: str | Path | No
         os.environ.setdefault("OMP_NUM_THREADS", str(int(cfg.trainer.num_threads)))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     module = build_stage(cfg, stage_cfg)
-    module.trainable_only = bool(cfg.trainer.get("trainable_only_checkpoints", False))
     if resume is None:
         loaded = load_init_weights(module, init_from, cfg)["loaded"] if init_from is not None else []
-        start_fresh_generator(module, cfg, loaded)
-        source = f"init_from:{Path(str(init_from)).resolve()}" if init_from is not None else None
-        module.frozen_sources = {part: source for part in {k.split(".", 1)[0] for k in loaded}} if source else {}
+        fresh = start_fresh_generator(module, cfg, loaded)
+        module.set_frozen_sources(frozen_sources(module, cfg, init_from, loaded, fresh_generator=fresh))
     else:
         restore_frozen_sources(module, read_checkpoint(resume), cfg, resume)
     datamodule = build_datamodule(cfg.data, seed=int(cfg.seed))
@@ -312,6 +314,7 @@ def run_stage(cfg: DictConfig, stage_cfg: DictConfig, init_from: str | Path | No
         resolved["stage"] = OmegaConf.to_container(stage_cfg, resolve=True)
         atomic_write_text(sdir / "config.yaml", OmegaConf.to_yaml(resolved))
     trainer = make_trainer(cfg, stage_cfg, sdir, strategy=strategy, module=module)
+    module.trainable_only = trainable_only(cfg, trainer)
     if resume is not None:
         log.info("resuming stage %s from %s", name, resume)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
@@ -324,16 +327,76 @@ def run_stage(cfg: DictConfig, stage_cfg: DictConfig, init_from: str | Path | No
     return StageResult(name, sdir, final, int(trainer.global_step))
 
 
+def trainable_only(cfg: DictConfig, trainer: Any) -> bool:
+    """Whether this stage writes trainable-only checkpoints: ``trainer.trainable_only_checkpoints`` (default
+    true), except under DeepSpeed, whose checkpoint folders hold every parameter of the engine."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    wanted = bool(cfg.trainer.get("trainable_only_checkpoints", True))
+    return wanted and not isinstance(trainer.strategy, DeepSpeedStrategy)
+
+
+def file_source(value: Any) -> str | None:
+    """The location of a weights source named in a config, if a file holds it: ``asset:NAME`` (shipped with
+    onedc) or an existing local path, made absolute; None for null or anything else (a hub id)."""
+    if value is None:
+        return None
+    text = str(value)
+    if text.startswith("asset:"):
+        return text
+    path = Path(text).expanduser()
+    return str(path.resolve()) if path.exists() else None
+
+
+def frozen_sources(module: torch.nn.Module, cfg: DictConfig, init_from: str | Path | None, loaded: list[str],
+                   fresh_generator: bool = False) -> dict[str, str]:
+    """Part -> ``KIND:LOCATION`` for each frozen part of a freshly started stage whose weights a file holds.
+
+    A part comes from ``init_from`` when that file filled every one of its frozen parameters; else from
+    the pretrained source its config names (``model.vae.pretrained``, ``model.generator.pretrained``
+    unless ``model.generator.init`` just rewrote the generator, ``guidance.pretrained`` or
+    ``guidance.real_pretrained`` for the real score UNet). A part drawn from a seed has no source:
+    checkpoints keep it, since redrawing it bit for bit would hang on the RNG's order.
+    """
+    from onedc.stages.common import frozen_parts
+
+    done = set(loaded)
+    init = f"init_from:{Path(str(init_from)).resolve()}" if init_from is not None else None
+    model = cfg.model
+    guidance = cfg.get("guidance") or {}
+    named: dict[str, tuple[str, Any]] = {
+        "vae": ("model.vae.pretrained", (model.get("vae") or {}).get("pretrained")),
+        "generator": ("model.generator.pretrained",
+                      None if fresh_generator else (model.get("generator") or {}).get("pretrained")),
+    }
+    if guidance.get("pretrained") is not None:
+        named["guidance"] = ("guidance.pretrained", guidance.get("pretrained"))
+    else:
+        named["guidance"] = ("guidance.real_pretrained", guidance.get("real_pretrained"))
+    sources: dict[str, str] = {}
+    for part, keys in frozen_parts(module).items():
+        if init is not None and all(k in done for k in keys):
+            sources[part] = init
+            continue
+        kind, value = named.get(part, ("", None))
+        if kind == "guidance.real_pretrained" and not all(k.startswith("guidance.real_unet.") for k in keys):
+            continue
+        location = file_source(value)
+        if location is not None:
+            sources[part] = f"{kind}:{location}"
+    return sources
+
+
 def restore_frozen_sources(module: torch.nn.Module, checkpoint: dict[str, Any], cfg: DictConfig, path: Path) -> None:
     """Before resuming from a trainable-only checkpoint, reload its frozen parts from their sources.
 
-    Parts built from the config (seeds, pretrained dirs, the VAE cache) are already rebuilt; parts
+    Parts built from the config (pretrained dirs and files, shipped assets) are already rebuilt; parts
     that came from an ``init_from`` file are read from it again. The module's ``on_load_checkpoint``
     then checks every frozen part's hash against the one recorded (:meth:`StageModule.restore_frozen`).
     """
     frozen = (checkpoint.get("onedc") or {}).get("frozen") or {}
     sources = {part: info["source"] for part, info in frozen.items()}
-    module.frozen_sources = dict(sources)
+    module.set_frozen_sources(sources)
     files = sorted({s.partition(":")[2] for s in sources.values() if s.startswith("init_from:")})
     for file in files:
         if not Path(file).exists():

@@ -5,6 +5,7 @@ of the next stage reads in practice.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,8 @@ def isolated_distributed(monkeypatch):
     release_distributed()
     yield
     release_distributed()
+    # Lightning sets these in os.environ during an in-process DeepSpeed run; monkeypatch restores only the ones it
+    # deleted, so drop the rest: a DDP subprocess started later in this worker (tests/pipeline/test_ddp.py)
+    # inherited RANK/LOCAL_RANK/NODE_RANK and waited for ranks that never came.
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK"):
+        os.environ.pop(key, None)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from onedc.coding.checkpoints import read_full_checkpoint
 from onedc.stages.dmd import GENERATOR_GROUP, GUIDANCE_GROUP, DMDStage, _base_optimizer, split_batch
 from onedc.training import pipeline
 from onedc.training.build import build_stage
@@ -248,8 +249,11 @@ def test_dmd_smoke_run_from_the_latent_stage(latent_ckpt, tmp_path):
     assert [e["step"] for e in history] == [0, SMOKE_STEPS] and "fake_loss" in history[-1]
     final = torch.load(result.final_ckpt, map_location="cpu", weights_only=False)
     assert final["onedc"]["stage"] == "dmd"
-    state = final["state_dict"]
-    init = torch.load(latent_ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    # Trainable-only: the frozen codec is named by its source (the latent file) and read back from it (the latent
+    # file names the distill file in turn).
+    assert final["onedc"]["frozen"]["codec"]["source"] == f"init_from:{latent_ckpt.resolve()}"
+    state = read_full_checkpoint(result.final_ckpt)["state_dict"]
+    init = read_full_checkpoint(latent_ckpt)["state_dict"]
     assert not torch.equal(state["generator.to_xt.weight"], init["generator.to_xt.weight"])
     codec_keys = [k for k in init if k.startswith("codec.") and "gaussian_conditional" not in k]
     assert codec_keys and all(torch.equal(state[k], init[k]) for k in codec_keys)  # frozen codec

@@ -17,6 +17,7 @@ import pytest
 import torch
 from omegaconf import DictConfig, open_dict
 
+from onedc.coding.checkpoints import read_full_checkpoint
 from onedc.training import pipeline
 from onedc.training.build import build_stage
 from onedc.cli import main
@@ -50,7 +51,8 @@ def trainable(key: str) -> bool:
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    """Every weight of a checkpoint, as its readers see them (a trainable-only file's frozen parts read back)."""
+    return read_full_checkpoint(path)["state_dict"]
 
 
 class StartWeights(pl.Callback):
