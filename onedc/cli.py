@@ -590,7 +590,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(ckpts, args.data, args.output, weights_dir=args.weights_dir, baselines=args.baselines,
                       anchors=anchors, max_images=args.max_images, steps=args.steps, device=args.device,
                       curves=curves, recon=recon, recon_name=args.name, bd_method=args.bd_method,
-                      z_only=args.z_only, fail_fast=args.fail_fast)
+                      z_only=args.z_only, fail_fast=args.fail_fast,
+                      anchor_cache=False if args.no_anchor_cache else (args.anchor_cache or True))
     for entry in result.aggregate:
         values = ", ".join(f"{key} {entry[key]:.4f}" for key in ("bpp", "psnr", "ms_ssim", "lpips", "dists", "fid")
                            if entry.get(key) is not None)
@@ -633,6 +634,13 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
                         help="comma-separated anchors (default: jpeg,webp,avif,jxl; one not installed is skipped "
                              "with a note)")
     parser.add_argument("--no-baselines", dest="baselines", action="store_false", help="skip all anchors")
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument("--anchor-cache", default=None, metavar="DIR",
+                       help="folder of the anchor-row cache (default: $ONEDC_CACHE_DIR, else ~/.cache/onedc): anchor "
+                            "rows do not depend on the checkpoints, so a second eval of the same images scores only "
+                            "onedc's rows")
+    cache.add_argument("--no-anchor-cache", action="store_true",
+                       help="score every anchor row again, reading and writing no cache")
     parser.add_argument("--z-only", action="store_true",
                         help="also code every checkpoint as z-only files (y = the prior means): one more point "
                              "per checkpoint, at the lowest rate, on its curve")

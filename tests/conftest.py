@@ -21,6 +21,8 @@ for _key, _value in {
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(_key, _value)
+# onedc eval's anchor-row cache (on by default, ~/.cache/onedc): always a temp dir under test.
+os.environ["ONEDC_CACHE_DIR"] = os.path.join(_CACHE, "onedc")
 
 
 class NetworkAccessError(RuntimeError):

@@ -43,10 +43,16 @@ LPIPS and DISTS are computed on whole images; FID/KID follow HiFiC / MS-ILLM: no
 256x256 patches, plus a second pass over the image shifted by 128 px in both directions, all
 pooled over the data set (images smaller than 256 px give no patches).
 
+Anchor rows do not depend on the checkpoints: each scored one (values and FID features) is kept
+in a persistent cache keyed by the reference pixels, codec, quality, encoder library, metric
+networks' weights and scoring code (:mod:`~onedc.eval.cache`, default ``~/.cache/onedc``;
+``--anchor-cache DIR`` / ``--no-anchor-cache``), so a second evaluation of the same images scores
+only onedc's rows, with the same outputs.
+
 Files: :mod:`~onedc.eval.pixels` (PSNR, MS-SSIM), :mod:`~onedc.eval.perceptual` (LPIPS, DISTS,
 FID/KID and their weight files), :mod:`~onedc.eval.anchors` (Pillow JPEG/WebP),
-:mod:`~onedc.eval.report` (rows, means, CSV/JSON, the RD plot), :mod:`~onedc.eval.run`
-(:func:`evaluate`). Evaluation layer: it may import coding and below, never callbacks or stages.
+:mod:`~onedc.eval.cache` (the anchor-row cache), :mod:`~onedc.eval.report` (rows, means,
+CSV/JSON, the RD plot), :mod:`~onedc.eval.run` (:func:`evaluate`). Evaluation layer: it may import coding and below, never callbacks or stages.
 """
 from onedc.eval.anchors import (ANCHOR_LADDERS, ANCHORS, BASELINES, JPEG_QUALITIES, WEBP_QUALITIES, anchor_available,
                                 match_quality, missing_anchors, pillow_decode, pillow_encode)

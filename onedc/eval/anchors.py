@@ -12,6 +12,7 @@ is skipped with one line saying how to install it (:func:`missing_anchors`).
 from __future__ import annotations
 
 import io
+from typing import Callable
 
 from PIL import Image
 from torch import Tensor
@@ -99,24 +100,21 @@ def pillow_decode(data: bytes) -> Tensor:
     return decode_uint8(data)
 
 
-def match_quality(image: Tensor, codec: str, target_bpp: float) -> tuple[int, bytes]:
-    """(quality, bytes) of the ``codec`` file of ``image`` whose bpp is closest to ``target_bpp``.
+def matched_quality(codec: str, pixels: int, target_bpp: float, size_of: Callable[[int], int]) -> int:
+    """The ``codec`` quality whose file bpp is closest to ``target_bpp``, from ``size_of(quality)`` in bytes.
 
     Binary search for the highest quality whose file is at most the target (file size grows
     with quality), then the closer of it and the next quality up. Outside the reachable range
-    the lowest / highest quality is returned.
+    the lowest / highest quality is returned. ``size_of`` may encode, or read sizes known from an
+    earlier run (:class:`onedc.eval.cache.AnchorCache`).
     """
     _, low, high = BASELINES[codec]
-    pixels = int(image.shape[-2]) * int(image.shape[-1])
-    cache: dict[int, bytes] = {}
 
     def bpp(q: int) -> float:
-        if q not in cache:
-            cache[q] = pillow_encode(image, codec, q)
-        return len(cache[q]) * 8 / pixels
+        return size_of(q) * 8 / pixels
 
     if bpp(low) >= target_bpp:
-        return low, cache[low]
+        return low
     lo, hi = low, high  # invariant: bpp(lo) < target; answer in [lo, hi]
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -124,7 +122,20 @@ def match_quality(image: Tensor, codec: str, target_bpp: float) -> tuple[int, by
             lo = mid
         else:
             hi = mid - 1
-    best = lo
     if lo < high and abs(bpp(lo + 1) - target_bpp) < abs(bpp(lo) - target_bpp):
-        best = lo + 1
+        return lo + 1
+    return lo
+
+
+def match_quality(image: Tensor, codec: str, target_bpp: float) -> tuple[int, bytes]:
+    """(quality, bytes) of the ``codec`` file of ``image`` whose bpp is closest to ``target_bpp``
+    (:func:`matched_quality`, encoding each quality it asks for once)."""
+    cache: dict[int, bytes] = {}
+
+    def size_of(q: int) -> int:
+        if q not in cache:
+            cache[q] = pillow_encode(image, codec, q)
+        return len(cache[q])
+
+    best = matched_quality(codec, int(image.shape[-2]) * int(image.shape[-1]), target_bpp, size_of)
     return best, cache[best]

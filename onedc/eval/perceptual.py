@@ -188,7 +188,15 @@ class PerceptualMetrics:
                 metrics.missing["FID/KID"] = needs
             else:
                 metrics.features = _inception(found[INCEPTION_FILE]).to(device)
+        if metrics.features is not None:
+            # Inception's convolutions in channels-last: ~30 % faster on an AVX-512 CPU, features equal to
+            # ~2e-7 relative (float rounding; benchmarks/README.md, eval_speed).
+            metrics.features.to(memory_format=torch.channels_last)
         return metrics
+
+    def networks(self) -> dict[str, nn.Module | None]:
+        """The metric networks by name (None where absent): what an anchor row's values depend on."""
+        return {"lpips": self.lpips, "dists": self.dists, "features": self.features}
 
     def message(self) -> str | None:
         """One line naming every missing weights file and where to put it (None when all are present)."""

@@ -2,12 +2,15 @@
 
 The time goes into the networks (onedc decoding, LPIPS, DISTS, Inception) and FID's matrix
 statistics; :mod:`onedc.eval.perceptual` computes each reference image's LPIPS/DISTS features
-once per image instead of once per scored row, and FID over few patches in the patch space
-(benchmarks/README.md: the split before and after).
+once per image instead of once per scored row, and FID over few patches in the patch space.
+Anchor rows (most of the work: a ladder and matched points per image and codec) are read from
+the persistent :mod:`onedc.eval.cache` when an earlier evaluation scored them; identical anchor
+files are scored once (benchmarks/README.md: the split before and after, cold and warm).
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import sys
@@ -22,8 +25,10 @@ from torch import Tensor, nn
 from onedc.coding.bundle import OneDCCodec
 from onedc.coding.images import IMAGE_SUFFIXES, decode_uint8, list_images, load_image, to_uint8
 from onedc.errors import OneDCError
-from onedc.eval.anchors import ANCHOR_LADDERS, ANCHORS, match_quality, missing_anchors, pillow_decode, pillow_encode
+from onedc.eval.anchors import (ANCHOR_LADDERS, ANCHORS, matched_quality, missing_anchors, pillow_decode,
+                                pillow_encode)
 from onedc.eval.bd import BD_METRICS, bd_table, curves_of, format_bd_table
+from onedc.eval.cache import AnchorCache, image_digest
 from onedc.eval.perceptual import FID_PATCH, PerceptualMetrics, fid_kid
 from onedc.eval.pixels import ms_ssim_uint8, psnr_uint8
 from onedc.eval.report import ROW_FIELDS, aggregate, compressai_results, jsonable, rd_plot, write_csv, write_text
@@ -34,17 +39,46 @@ JPEG_QUALITIES = ANCHOR_LADDERS["jpeg"]
 WEBP_QUALITIES = ANCHOR_LADDERS["webp"]
 
 
-def _row(codec: str, setting: str, image_id: str, reference: Tensor, decoded: Tensor, n_bytes: int,
-         perceptual: PerceptualMetrics, **extra: Any) -> dict[str, Any]:
-    """One result row: rate from ``n_bytes``, distortion from the two uint8 images."""
+def _scores(reference: Tensor, decoded: Tensor, n_bytes: float, perceptual: PerceptualMetrics) -> dict[str, Any]:
+    """The values of a row (:data:`onedc.eval.cache.SCORE_FIELDS`): rate from ``n_bytes``, distortion from the
+    two uint8 images."""
     height, width = int(reference.shape[-2]), int(reference.shape[-1])
     ms_ssim, scales = ms_ssim_uint8(reference, decoded)
+    return dict(bytes=int(n_bytes), bpp=n_bytes * 8 / (height * width), psnr=psnr_uint8(reference, decoded),
+                ms_ssim=ms_ssim, ms_ssim_scales=scales, **perceptual.distances(reference, decoded))
+
+
+def _row(codec: str, setting: str, image_id: str, reference: Tensor, scores: dict[str, Any],
+         **extra: Any) -> dict[str, Any]:
+    """One result row of ``image_id``: its :func:`_scores` and what names it (codec, setting, curve, size)."""
     row = {key: None for key in ROW_FIELDS}
-    row.update(codec=codec, setting=setting, curve=codec, image=image_id, height=height, width=width,
-               bytes=int(n_bytes), bpp=n_bytes * 8 / (height * width), psnr=psnr_uint8(reference, decoded),
-               ms_ssim=ms_ssim, ms_ssim_scales=scales, **perceptual.distances(reference, decoded))
+    row.update(codec=codec, setting=setting, curve=codec, image=image_id, height=int(reference.shape[-2]),
+               width=int(reference.shape[-1]), **scores)
     row.update(extra)
     return row
+
+
+class _AnchorFiles:
+    """One image's files of one anchor codec: encoded on demand, each quality once; sizes known from
+    the cache are used without encoding (the matched-bpp search needs only sizes)."""
+
+    def __init__(self, image: Tensor, codec: str, sizes: dict[int, int]) -> None:
+        self.image, self.codec = image, codec
+        self.sizes = dict(sizes)
+        self.data: dict[int, bytes] = {}
+        self.learned = False
+
+    def encode(self, quality: int) -> bytes:
+        if quality not in self.data:
+            self.data[quality] = pillow_encode(self.image, self.codec, quality)
+            self.learned |= self.sizes.get(quality) != len(self.data[quality])
+            self.sizes[quality] = len(self.data[quality])
+        return self.data[quality]
+
+    def size(self, quality: int) -> int:
+        if quality not in self.sizes:
+            self.encode(quality)
+        return self.sizes[quality]
 
 
 #: What :func:`evaluate` writes in its output folder (``files/`` holds the .onedc files).
@@ -200,6 +234,7 @@ def evaluate(
     progress: bool = True,
     say: Callable[[str], None] | None = None,
     fail_fast: bool = False,
+    anchor_cache: str | Path | bool = True,
 ) -> EvalResult:
     """Evaluate checkpoints (λ ladders), anchors and other codecs' outputs on the images of ``data``.
 
@@ -212,6 +247,9 @@ def evaluate(
     the same way as curve ``recon_name``. Then BD-rate / BD-metric of every onedc curve against
     every anchor and other codec, and between onedc curves (``bd_method``: akima or pchip).
     ``z_only``: each checkpoint also writes z-only files (setting ``<ckpt>:z-only``, same curve).
+    ``anchor_cache``: anchor rows are read from and written to a persistent cache
+    (:mod:`onedc.eval.cache`; True: its default folder, a path: that folder, False: off); they do
+    not depend on the checkpoints, so a second evaluation of the same images scores only onedc's.
 
     Writes ``per_image.csv``, ``per_image.json``, ``aggregate.json``, ``bd.json``, ``rd.png`` and
     one CompressAI results file per curve (``compressai/<curve>.json``). ``say`` receives the
@@ -245,6 +283,10 @@ def evaluate(
     chosen = [a for a in chosen if a not in skipped]
     for note in notes:
         say(note)
+    cache = None
+    if anchor_cache is not False and chosen:
+        cache = AnchorCache.open(None if anchor_cache is True else anchor_cache, perceptual.networks(),
+                                 perceptual.device, say)
 
     rows: list[dict[str, Any]] = []
     real_features: dict[str, Tensor | None] = {}
@@ -266,7 +308,12 @@ def evaluate(
     def reference(image_id: str, path: Path) -> Tensor:
         x = to_uint8(load_image(path))
         if image_id not in real_features:
-            real_features[image_id] = perceptual.patch_features(x)
+            found, feats = cache.reference_features(image_digest(x)) if cache else (False, None)
+            if not found:
+                feats = perceptual.patch_features(x)
+                if cache:
+                    cache.put_reference_features(image_digest(x), feats)
+            real_features[image_id] = feats
         return x
 
     onedc_bpp: dict[tuple[str, str], float] = {}
@@ -292,8 +339,8 @@ def evaluate(
                 except OneDCError as err:
                     fail(image_id, path, err)
                     continue
-                row = _row("onedc", setting, image_id, x, decoded, os.path.getsize(target), perceptual, steps=steps,
-                           enc_ms=enc_ms, dec_ms=dec_ms, file=str(target.relative_to(out_dir)), curve=curve)
+                row = _row("onedc", setting, image_id, x, _scores(x, decoded, os.path.getsize(target), perceptual),
+                           steps=steps, enc_ms=enc_ms, dec_ms=dec_ms, file=str(target.relative_to(out_dir)), curve=curve)
                 if setting == label:
                     onedc_bpp[(label, image_id)] = row["bpp"]
                 add(row, perceptual.patch_features(decoded))
@@ -314,7 +361,7 @@ def evaluate(
                 raise OneDCError(f"--recon {point.recon}: '{image_id}' is {tuple(decoded.shape[1:])}, the original "
                                  f"{tuple(x.shape[1:])}")
             bits = point.bits_of(image_id, int(x.shape[-2]) * int(x.shape[-1]))
-            row = _row(recon_name, label, image_id, x, decoded, bits / 8, perceptual, curve=recon_name)
+            row = _row(recon_name, label, image_id, x, _scores(x, decoded, bits / 8, perceptual), curve=recon_name)
             row["bytes"] = bits / 8 if bits % 8 else bits // 8
             add(row, perceptual.patch_features(decoded))
 
@@ -323,25 +370,41 @@ def evaluate(
         if image_id in failed:
             continue
         x = reference(image_id, path)
-        # (codec, quality) -> scored row + patch features: a quality shared by the ladder and
-        # matched points (or by checkpoints of equal bpp) is scored once.
+        digest = image_digest(x) if cache else ""
+        # (codec, quality) -> scores + patch features: a quality shared by the ladder and matched
+        # points (or by checkpoints of equal bpp) is scored once, and so are identical files.
         scored: dict[tuple[str, int], tuple[dict[str, Any], Tensor | None]] = {}
+        by_content: dict[tuple[str, bytes], tuple[dict[str, Any], Tensor | None]] = {}
 
-        def baseline(name: str, quality: int, data_bytes: bytes, setting: str, **extra: Any) -> None:
+        def baseline(files: _AnchorFiles, quality: int, setting: str, **extra: Any) -> None:
+            name = files.codec
             if (name, quality) not in scored:
-                decoded = pillow_decode(data_bytes)
-                scored[name, quality] = (_row(name, "", image_id, x, decoded, len(data_bytes), perceptual,
-                                              quality=quality), perceptual.patch_features(decoded))
-            row, feats = scored[name, quality]
-            add(dict(row, setting=setting, **extra), feats)
+                found = cache.get(digest, name, quality) if cache else None
+                if found is None:
+                    data_bytes = files.encode(quality)
+                    content = (name, hashlib.sha256(data_bytes).digest())
+                    if content not in by_content:
+                        decoded = pillow_decode(data_bytes)
+                        by_content[content] = (_scores(x, decoded, len(data_bytes), perceptual),
+                                               perceptual.patch_features(decoded))
+                    found = by_content[content]
+                    if cache:
+                        cache.put(digest, name, quality, *found)
+                scored[name, quality] = found
+            scores, feats = scored[name, quality]
+            add(_row(name, setting, image_id, x, scores, quality=quality, **extra), feats)
 
+        pixels = int(x.shape[-2]) * int(x.shape[-1])
         for name in chosen:
+            files = _AnchorFiles(x, name, cache.sizes(digest, name) if cache else {})
             for quality in ladder_of[name]:
-                baseline(name, quality, pillow_encode(x, name, quality), f"q={quality}")
+                baseline(files, quality, f"q={quality}")
             for label in labels:
                 target_bpp = onedc_bpp[(label, image_id)]
-                quality, data_bytes = match_quality(x, name, target_bpp)
-                baseline(name, quality, data_bytes, f"matched:{label}", target_bpp=target_bpp)
+                baseline(files, matched_quality(name, pixels, target_bpp, files.size), f"matched:{label}",
+                         target_bpp=target_bpp)
+            if cache and files.learned:
+                cache.put_sizes(digest, name, files.sizes)
 
     entries = aggregate(rows)
     if perceptual.features is not None:
