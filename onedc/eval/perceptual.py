@@ -30,6 +30,7 @@ WEIGHT_URLS = {
     INCEPTION_FILE: f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}",
 }
 WEIGHTS_ENV = "ONEDC_WEIGHTS"
+KID_SEED = 0
 
 
 def fid_patches(images: Tensor, size: int = FID_PATCH) -> Tensor:
@@ -264,7 +265,9 @@ def fid_kid(real: Sequence[Tensor], fake: Sequence[Tensor], subsets: int = 100,
             subset_size: int = 1000) -> dict[str, float | int | None]:
     """FID and KID (mean, std) of pooled patch features with torchmetrics; None below 2 patches.
 
-    ``real`` / ``fake`` are lists of (N_i, d) feature tensors (one per image). KID's subset size
+    ``real`` / ``fake`` are lists of (N_i, d) feature tensors (one per image). KID's random subsets
+    are drawn from a fixed seed (:data:`KID_SEED`, the global RNG left untouched), so the same
+    features give the same KID in every run and process. KID's subset size
     is lowered to the number of patches when there are fewer than ``subset_size``.
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
@@ -289,6 +292,8 @@ def fid_kid(real: Sequence[Tensor], fake: Sequence[Tensor], subsets: int = 100,
         kid = KernelInceptionDistance(feature=_Precomputed(dim), subsets=subsets, subset_size=min(subset_size, n))
     kid.update(real_f, real=True)
     kid.update(fake_f, real=False)
-    mean, std = kid.compute()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(KID_SEED)  # torch seeds each process at random: the subsets would differ per run
+        mean, std = kid.compute()
     out["kid"], out["kid_std"] = float(mean), float(std)
     return out

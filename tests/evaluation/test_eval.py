@@ -182,6 +182,20 @@ def test_fid_kid_of_pooled_features():
     assert fid_kid(real[:1], [torch.zeros(0, 0)])["fid"] is None
 
 
+def test_kid_subsets_do_not_depend_on_the_global_rng():
+    """Random subsets (5 of 12 patches) from KID's own seed: the same value whatever the process's RNG
+    state (torch seeds each process at random), and that state is left as it was."""
+    real = [torch.randn(6, 8, dtype=torch.float64) for _ in range(2)]
+    fake = [r + 0.5 * torch.randn_like(r) for r in real]
+    values = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        state = torch.get_rng_state()
+        values.append(fid_kid(real, fake, subsets=20, subset_size=5))
+        assert torch.equal(torch.get_rng_state(), state)
+    assert values[0] == values[1] and values[0]["kid_std"] > 0  # subsets differed from one another
+
+
 class RandomPatchFeatures(nn.Module):
     """RANDOM stand-in for Inception (tests only: its values are not FID)."""
 
