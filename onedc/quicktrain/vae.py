@@ -17,6 +17,7 @@ mean (the codec encodes deterministically), so no KL term is trained.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from onedc.quicktrain.common import HELD_OUT_IMAGES, QUICK_TRAIN_IMAGES, quick_t
 __all__ = ["VAEQuickTrainRecipe", "held_out_figures", "latent_std", "pca_encoder", "quick_train_vae", "reconstruct"]
 
 # Bump when the training procedure changes: it is recorded in the shipped file's metadata.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -60,25 +61,102 @@ class VAEQuickTrainRecipe:
     """Batch of the joint phase (None = ``batch_size``)."""
     images: tuple[str, ...] = QUICK_TRAIN_IMAGES
     """Image files: names inside scikit-image's data folder, or paths."""
+    hue: str = "none"
+    """Colour augmentation of each crop: ``none``; ``permute`` (a random RGB channel order);
+    ``rotate`` (a random rotation of the chroma plane about the grey axis, half of them mirrored:
+    every hue permutation and more). Drawn from their own generator: the crops stay the same."""
+    saturation: float = 0.0
+    """Each crop's chroma scaled by a factor drawn uniformly from [1 - saturation, 1 + saturation]."""
+    grey: float = 0.0
+    """Fraction of the crops turned grey (their channel mean in all three channels)."""
+    pca_symmetric: bool = False
+    """Fit the PCA target on the photos in all six channel orders (no hue preferred)."""
+    mse_weight: float = 0.0
+    """Weight of an MSE term added to the L1 reconstruction loss."""
+    mean_weight: float = 0.0
+    """Weight of the MSE between each crop's per-channel means, decoded and original."""
 
 
 def _downsample(model: nn.Module) -> int:
     return 2 ** (len(model.config.block_out_channels) - 1)
 
 
-def pca_encoder(images: list[torch.Tensor], channels: int, patch: int) -> nn.Conv2d:
+_HUES = ("none", "permute", "rotate")
+_PERMUTATIONS = tuple(itertools.permutations(range(3)))
+
+
+def colour_matrices(count: int, recipe: VAEQuickTrainRecipe, generator: torch.Generator) -> torch.Tensor | None:
+    """(count, 3, 3) random colour maps of the recipe's augmentation (None when it has none).
+
+    Each keeps the grey axis (R = G = B) fixed: a hue permutation or rotation of the chroma
+    plane, then the chroma scaled (by 0 for a grey crop). Pixels are in [-1, 1], so grey 0 stays.
+    """
+    if recipe.hue not in _HUES:
+        raise ConfigError(f"VAE recipe hue must be one of {', '.join(_HUES)}, not {recipe.hue!r}")
+    if recipe.hue == "none" and not recipe.saturation and not recipe.grey:
+        return None
+    eye, grey = torch.eye(3), torch.full((3, 3), 1.0 / 3.0)
+    axis = torch.full((3,), 1.0 / math.sqrt(3.0))
+    cross = torch.tensor([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
+    mirror = eye[[1, 0, 2]]
+    maps = []
+    for _ in range(count):
+        uniform = torch.rand(4, generator=generator)
+        if recipe.hue == "permute":
+            hue = eye[list(_PERMUTATIONS[int(uniform[0] * 6) % 6])]
+        elif recipe.hue == "rotate":
+            angle = float(uniform[0]) * 2.0 * math.pi
+            hue = math.cos(angle) * eye + math.sin(angle) * cross + (1.0 - math.cos(angle)) * torch.outer(axis, axis)
+            hue = hue @ mirror if uniform[1] < 0.5 else hue
+        else:
+            hue = eye
+        scale = 1.0 + recipe.saturation * (2.0 * float(uniform[2]) - 1.0)
+        scale = 0.0 if uniform[3] < recipe.grey else scale
+        maps.append((grey + scale * (eye - grey)) @ hue)
+    return torch.stack(maps)
+
+
+# An orthonormal colour basis: the grey axis, then two opponent (chroma) axes.
+_OPPONENT = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, -1.0], [1.0, -2.0, 1.0]], dtype=torch.float64)
+_OPPONENT = _OPPONENT / _OPPONENT.norm(dim=1, keepdim=True)
+
+
+def pca_encoder(images: list[torch.Tensor], channels: int, patch: int, symmetric: bool = False) -> nn.Conv2d:
     """A strided conv giving the ``channels`` leading whitened PCA components of ``patch`` px patches.
 
     Fitted in closed form on the non-overlapping patches of ``images``; each output channel has
-    zero mean and unit variance over them.
+    zero mean and unit variance over them. ``symmetric``: the PCA of the photos with every hue
+    equally likely (their covariance averaged over all rotations of the chroma plane). It splits
+    into a spatial PCA of the grey (luma) component and one of the chroma, each chroma component
+    once per opponent axis with the same variance: on photos whose luma gradients vary less than
+    their mean colour, the leading four are luma mean, both chroma means and one luma gradient,
+    where the plain PCA keeps one chroma axis and drops the other (a colour the latent cannot say).
     """
     rows = [F.unfold(im[None, :, : im.shape[-2] // patch * patch, : im.shape[-1] // patch * patch],
                      patch, stride=patch)[0].T for im in images]
     points = torch.cat(rows).double()
-    mean = points.mean(0)
-    _, singular, basis = torch.linalg.svd(points - mean, full_matrices=False)
-    std = singular[:channels] / math.sqrt(points.shape[0] - 1)
-    weight = basis[:channels] / std[:, None]
+    if not symmetric:
+        mean = points.mean(0)
+        _, singular, basis = torch.linalg.svd(points - mean, full_matrices=False)
+        std = singular[:channels] / math.sqrt(points.shape[0] - 1)
+        weight = basis[:channels] / std[:, None]
+    else:
+        # (N, 3, p*p) in the opponent basis: luma plane and two chroma planes.
+        planes = torch.einsum("ck,nkp->ncp", _OPPONENT, points.reshape(len(points), 3, -1))
+        luma, chroma = planes[:, 0], planes[:, 1:].reshape(-1, planes.shape[-1])
+        # Averaged over hue rotations the chroma mean is 0 and both axes share one covariance.
+        luma_mean = luma.mean(0)
+        luma_var, luma_vec = torch.linalg.eigh(torch.cov((luma - luma_mean).T, correction=1))
+        chroma_var, chroma_vec = torch.linalg.eigh(chroma.T @ chroma / (len(chroma) - 1))
+        candidates = [(float(v), 0, vec) for v, vec in zip(luma_var, luma_vec.T)]
+        candidates += [(float(v), axis, vec) for v, vec in zip(chroma_var, chroma_vec.T) for axis in (1, 2)]
+        candidates.sort(key=lambda c: (-c[0], c[1]))
+        rows = []
+        for var, axis, vec in candidates[:channels]:
+            vec = vec if vec.sum() >= 0 else -vec  # a fixed sign: positive mean weight
+            rows.append(torch.outer(_OPPONENT[axis], vec).flatten() / math.sqrt(var))
+        weight = torch.stack(rows)
+        mean = torch.einsum("c,p->cp", _OPPONENT[0], luma_mean).flatten()  # grey: the chroma mean is 0
     conv = nn.Conv2d(3, channels, patch, stride=patch)
     with torch.no_grad():
         conv.weight.copy_(weight.reshape(channels, 3, patch, patch).float())
@@ -107,9 +185,10 @@ def quick_train_vae(model: nn.Module, recipe: VAEQuickTrainRecipe, *, seed: int)
         torch.set_num_threads(1)
         with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
             # Inside the forked RNG: nn.Conv2d draws an initial weight (overwritten by the fit).
-            target = pca_encoder(images, int(model.config.latent_channels), stride)
+            target = pca_encoder(images, int(model.config.latent_channels), stride, symmetric=recipe.pca_symmetric)
             torch.manual_seed(seed)
             generator = torch.Generator().manual_seed(seed)
+            colours = torch.Generator().manual_seed(seed + 1)  # its own stream: the crops stay the same
             model.requires_grad_(True)
             optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
             warmup = max(1, min(20, total // 10))
@@ -120,12 +199,17 @@ def quick_train_vae(model: nn.Module, recipe: VAEQuickTrainRecipe, *, seed: int)
                 guided = step < recipe.guided_steps
                 x = random_crops(images, recipe.batch_size if guided else joint_batch,
                                  recipe.crop if guided else joint_crop, generator)
+                maps = colour_matrices(x.shape[0], recipe, colours)
+                if maps is not None:
+                    x = torch.einsum("bij,bjhw->bihw", maps, x).clamp(-1.0, 1.0)
                 pca = target(x)
                 latent = model.encode(x).latent_dist.mean
-                if guided:
-                    loss = (model.decode(pca).sample - x).abs().mean() + F.mse_loss(latent, pca)
-                else:
-                    loss = (model.decode(latent).sample - x).abs().mean() + recipe.anchor * F.mse_loss(latent, pca)
+                decoded = model.decode(pca if guided else latent).sample
+                loss = (decoded - x).abs().mean() + (1.0 if guided else recipe.anchor) * F.mse_loss(latent, pca)
+                if recipe.mse_weight:
+                    loss = loss + recipe.mse_weight * F.mse_loss(decoded, x)
+                if recipe.mean_weight:
+                    loss = loss + recipe.mean_weight * F.mse_loss(decoded.mean(dim=(2, 3)), x.mean(dim=(2, 3)))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -4,6 +4,7 @@ and trains nothing, checkpoints record which weights they are, and the recipe th
 (python -m onedc.assets.make) is deterministic and learns."""
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -170,3 +171,33 @@ def test_make_command_writes_loadable_files_and_keeps_existing_ones(tmp_path, mo
     before = (tmp_path / "tiny_vae.safetensors").read_bytes()
     assert make.main(["--out", str(tmp_path), "--only", "tiny_vae"]) == 2
     assert "error:" in capsys.readouterr().err and (tmp_path / "tiny_vae.safetensors").read_bytes() == before
+
+
+def test_colour_augmentation_keeps_grey_and_lightness_and_moves_only_the_hue():
+    """The recipe's colour maps: rows sum to 1 (grey stays grey, each pixel's channel mean is kept);
+    ``permute`` draws channel orders, ``rotate`` orthogonal maps (chroma length kept) that reach
+    every hue, ``grey`` projects onto the grey axis; crops are clamped afterwards."""
+    from onedc.errors import ConfigError
+    from onedc.quicktrain.vae import colour_matrices
+
+    generator = torch.Generator().manual_seed(0)
+    assert colour_matrices(4, VAEQuickTrainRecipe(), generator) is None
+    permuted = colour_matrices(60, VAEQuickTrainRecipe(hue="permute"), generator)
+    assert {tuple(m.argmax(1).tolist()) for m in permuted} == {(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1),
+                                                               (2, 1, 0)}
+    assert torch.equal(permuted.sort(dim=-1).values[..., -1], torch.ones(60, 3))
+    rotated = colour_matrices(200, VAEQuickTrainRecipe(hue="rotate"), generator)
+    assert torch.allclose(rotated @ rotated.transpose(1, 2), torch.eye(3).expand(200, 3, 3), atol=1e-6)
+    assert torch.allclose(rotated.sum(-1), torch.ones(200, 3), atol=1e-6)
+    red = rotated @ torch.tensor([1.0, 0.0, 0.0])  # where pure red goes: every hue, once round
+    angles = torch.atan2(math.sqrt(3.0) * (red[:, 1] - red[:, 2]), 2 * red[:, 0] - red[:, 1] - red[:, 2])
+    assert torch.histc(angles, bins=6, min=-math.pi, max=math.pi).min() > 15
+    assert ((rotated.det() > 0).float().mean() - 0.5).abs() < 0.15  # half of them mirrored
+    greyed = colour_matrices(100, VAEQuickTrainRecipe(grey=1.0), generator)
+    assert torch.allclose(greyed, torch.full((100, 3, 3), 1.0 / 3.0))
+    saturated = colour_matrices(100, VAEQuickTrainRecipe(saturation=0.5), generator)
+    chroma = torch.tensor([1.0, -1.0, 0.0])
+    gain = (saturated @ chroma)[:, 0]
+    assert gain.min() >= 0.5 - 1e-6 and gain.max() <= 1.5 + 1e-6 and gain.max() - gain.min() > 0.8
+    with pytest.raises(ConfigError, match="hue must be one of none, permute, rotate"):
+        colour_matrices(1, VAEQuickTrainRecipe(hue="spin"), generator)
