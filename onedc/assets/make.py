@@ -36,7 +36,8 @@ __all__ = ["TEACHER_RECIPE", "VAE_RECIPE", "main", "make_teacher", "make_vae", "
 # The shipped tiny VAE's recipe (figures in tests/modules/test_vae_assets.py and the README).
 # 1600 + 400 steps (about 6 min of one AVX-512 core; 38 min wall on a loaded shared box), against
 # 600 + 200 for the first-run quick-train it replaces: 21.89 / 21.51 dB instead of 20.19 / 20.57.
-VAE_RECIPE = VAEQuickTrainRecipe(guided_steps=1600, joint_steps=400, batch_size=16, crop=48, lr=5e-3)
+VAE_RECIPE = VAEQuickTrainRecipe(guided_steps=2000, joint_steps=600, batch_size=16, crop=48, lr=5e-3,
+                                 pca_symmetric=True, joint_crop=128, joint_batch_size=4, mse_weight=5.0)
 # The shipped tiny VQ teacher's recipe (probe figures in tests/modules/test_teachers.py).
 TEACHER_RECIPE = QuickTrainRecipe(steps=300, batch_size=128, lr=5e-3)
 _DEFAULT_OUT = Path(__file__).resolve().parent
