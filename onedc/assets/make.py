@@ -11,7 +11,7 @@ Deterministic: seeded, one CPU thread, float32. The same torch build on the same
 gives bit-identical tensors (``tensors_sha256`` in the metadata says so); another kernel set
 (AVX2 vs AVX-512, another torch version) rounds differently along the way and ends on other
 weights of similar quality (the earlier 600 + 200-step recipe ended 0.3-0.4 dB apart per photo on
-AVX2 and AVX-512 kernels; the shipped 1600 + 400-step one was made once, on AVX-512). Run from a checkout (it reads
+AVX2 and AVX-512 kernels; the shipped 2000 + 600-step one was made once, on AVX-512). Run from a checkout (it reads
 ``configs/``); needs scikit-image. Existing files are kept unless ``--force``.
 """
 from __future__ import annotations
@@ -34,8 +34,10 @@ from onedc.quicktrain.vq import QuickTrainRecipe
 __all__ = ["TEACHER_RECIPE", "VAE_RECIPE", "main", "make_teacher", "make_vae", "tensors_sha256"]
 
 # The shipped tiny VAE's recipe (figures in tests/modules/test_vae_assets.py and the README).
-# 1600 + 400 steps (about 6 min of one AVX-512 core; 38 min wall on a loaded shared box), against
-# 600 + 200 for the first-run quick-train it replaces: 21.89 / 21.51 dB instead of 20.19 / 20.57.
+# 2000 + 600 steps, the joint ones on 4 x 128 px crops (562 s on one AVX-512 core of a loaded
+# 2-core box): held-out 22.24 / 22.00 dB, mean colour error (decoded - original, 8-bit) R / G / B
+# +3.8 / +1.5 / -5.1. Recipe version 2 (plain PCA target, 48 px crops throughout, L1 only, 1600 +
+# 400 steps) gave 21.89 / 21.51 dB and -4.7 / +1.9 / -5.9.
 VAE_RECIPE = VAEQuickTrainRecipe(guided_steps=2000, joint_steps=600, batch_size=16, crop=48, lr=5e-3,
                                  pca_symmetric=True, joint_crop=128, joint_batch_size=4, mse_weight=5.0)
 # The shipped tiny VQ teacher's recipe (probe figures in tests/modules/test_teachers.py).
