@@ -112,6 +112,7 @@ def rd_plot(entries: Sequence[Mapping[str, Any]], title: str = "", history: Sequ
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     panels = [(m, label) for m, label in PLOT_METRICS
               if m in ("psnr", "ms_ssim") or any(_finite(e.get(m)) for e in entries)]
@@ -146,6 +147,11 @@ def rd_plot(entries: Sequence[Mapping[str, Any]], title: str = "", history: Sequ
             ax.scatter(*trajectory[-1], color="tab:red", s=60, zorder=3)
         if ax.has_data():
             ax.set_xscale("log")
+            # Ticks at 1, 2, 5 x 10^k in plain numbers: matplotlib's default labels every minor
+            # tick of a sub-decade range in 10^k notation, and they overlap.
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.legend(fontsize=7)
         ax.set_xlabel("bpp (from file sizes)")
         ax.set_ylabel(label)
