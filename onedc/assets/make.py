@@ -11,8 +11,8 @@ Deterministic: seeded, one CPU thread, float32. The same torch build on the same
 gives bit-identical tensors (``tensors_sha256`` in the metadata says so); another kernel set
 (AVX2 vs AVX-512, another torch version) rounds differently along the way and ends on other
 weights of similar quality (the earlier 600 + 200-step recipe ended 0.3-0.4 dB apart per photo on
-AVX2 and AVX-512 kernels; the shipped 4000 + 1200-step one was made once, on AVX-512). Run from a checkout (it reads
-``configs/``); needs scikit-image. Existing files are kept unless ``--force``.
+AVX2 and AVX-512 kernels; the shipped 4000 + 1200-step one was made once, on AVX-512). Run from a
+checkout (it reads ``configs/``); needs scikit-image. Existing files are kept unless ``--force``.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ __all__ = ["TEACHER_RECIPE", "VAE_RECIPE", "main", "make_teacher", "make_vae", "
 # scikit-image's colour wheel (every hue at every saturation: the photos are warm, and a decoder
 # that never saw saturated blue darkened it); 620 s on one AVX-512 core with another job beside
 # it: held-out 23.59 / 22.49 dB, mean colour error (decoded - original, 8-bit) R / G / B
-# -1.7 / -1.2 / -1.7 and -0.6 / +2.1 / -0.5. Measured against it (same code, one change each):
+# -1.7 / -1.2 / -1.7 and -0.6 / +2.1 / -0.5. Measured on the way there (same code):
 # the 2000 + 600-step L1 + 5 MSE recipe on the photos alone 22.24 / 22.00 dB, +5.7 / +1.4 / -7.5
 # and +1.9 / +1.6 / -2.6 (the VAE shipped before); + the wheel 22.58 / 22.02 dB; 4000 + 1200
 # steps with L1 + 10 MSE 23.43 / 22.20; both 23.52 / 22.53 dB, -1.3 / -2.3 / -1.3 and
